@@ -1,0 +1,258 @@
+"""SDS, DDS (eq. 4) and PiVa (eq. 9) behind one `step()`, for any differentiable image generator."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Optional, Tuple
+
+import torch
+
+from piva.guidance.adapters import BASE, SOURCE, TARGET, DualAdapters, depth_to_control
+from piva.guidance.schedule import AnnealedTimesteps, sds_weight
+from piva.prior.loading import DiffusionPrior
+
+Mode = Literal["piva", "dds", "sds"]
+MODES = ("piva", "dds", "sds")
+
+
+@dataclass
+class GuidanceConfig:
+    mode: Mode = "piva"
+    """piva (DDS + identity regulariser), dds (Delta Denoising Score) or sds (Score Distillation Sampling)."""
+    source_prompt: str = ""
+    """Describes the original scene/image (DDS and PiVa)."""
+    target_prompt: str = ""
+    """Describes the wanted result."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance of the frozen base model."""
+    adapter_guidance_scale: float = 1.0
+    """Classifier-free guidance of the source/target adapters (1.0: conditional only, as in the paper)."""
+    identity_weight: float = 0.4
+    """lambda of eq. 9: weight of the identity-preserving regulariser (paper: 0.4 objects/2D, 0.2 real scenes)."""
+    same_latent: Optional[bool] = None
+    """Use the edited z_t in place of the original's in DDS (paper's trick). None: on for piva, off for dds."""
+    t_range: Tuple[float, float] = (0.02, 0.98)
+    """Timestep range (fraction of T) before annealing."""
+    annealed_range: Tuple[float, float] = (0.02, 0.50)
+    """Timestep range after `anneal_step`."""
+    anneal_step: Optional[int] = None
+    """Step at which the range anneals; None keeps `t_range` throughout."""
+    adapter_rank: int = 4
+    """LoRA rank of each adapter."""
+    adapter_lr: float = 1e-4
+    """Learning rate of the adapters' own AdamW optimizer."""
+    use_controlnet: bool = True
+    """Condition the adapters on depth through the ControlNet (3D); 2D editing uses the UNet alone."""
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown guidance mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        if not self.target_prompt.strip():
+            raise ValueError("the target prompt is empty: describe the result you want, e.g. 'a blue cube'")
+        if self.mode != "sds" and not self.source_prompt.strip():
+            raise ValueError(f"{self.mode} needs a source prompt describing the original, e.g. 'a red cube'")
+        if self.guidance_scale < 1 or self.adapter_guidance_scale < 1:
+            raise ValueError("guidance scales must be >= 1")
+        if self.adapter_rank < 1 or self.adapter_lr <= 0:
+            raise ValueError("adapter_rank must be >= 1 and adapter_lr > 0")
+
+    @property
+    def uses_same_latent(self) -> bool:
+        return self.mode == "piva" if self.same_latent is None else self.same_latent
+
+
+@dataclass
+class GuidanceOutput:
+    loss: torch.Tensor
+    """Backpropagate this into whatever produced the image: d loss / d z = grad / batch."""
+    grad: torch.Tensor
+    """The score-distillation gradient on the latents (detached)."""
+    t: int
+    diagnostics: dict = field(default_factory=dict)
+
+
+class ScoreDistillation:
+    """One object per edit: holds the prompts' embeddings, the timestep schedule and (for PiVa) the adapters."""
+
+    def __init__(self, prior: DiffusionPrior, config: GuidanceConfig) -> None:
+        config.validate()
+        self.prior = prior
+        self.config = config
+        self.schedule = AnnealedTimesteps(
+            prior.num_train_timesteps, config.t_range, config.annealed_range, config.anneal_step
+        )
+        emb = prior.encode_prompts(["", config.source_prompt, config.target_prompt])
+        self.uncond_text, self.source_text, self.target_text = emb[0:1], emb[1:2], emb[2:3]
+        self.adapters: Optional[DualAdapters] = None
+        if config.mode == "piva":
+            self.adapters = DualAdapters(
+                prior, rank=config.adapter_rank, lr=config.adapter_lr, use_controlnet=config.use_controlnet
+            )
+
+    # -- inputs -----------------------------------------------------------------
+    def check_rgb(self, rgb: torch.Tensor, what: str = "render") -> torch.Tensor:
+        if not isinstance(rgb, torch.Tensor) or rgb.dim() != 4 or rgb.shape[1] != 3:
+            shape = tuple(rgb.shape) if isinstance(rgb, torch.Tensor) else type(rgb).__name__
+            raise ValueError(f"{what} must be a [B,3,H,W] tensor, got {shape} (channels-last images need .permute(0,3,1,2))")
+        if not torch.isfinite(rgb).all():
+            raise ValueError(f"{what} contains NaN or inf: the scene or image diverged (lower the learning rate)")
+        lo, hi = rgb.min().item(), rgb.max().item()
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"{what} must be in [0, 1], got [{lo:.3g}, {hi:.3g}] (images in [-1,1] need (x+1)/2)")
+        m = self.prior.vae_scale_factor * self.prior.latent_multiple
+        if rgb.shape[2] % m or rgb.shape[3] % m:
+            raise ValueError(f"{what} size {rgb.shape[2]}x{rgb.shape[3]} must be a multiple of {m} for this model: resize it")
+        return rgb
+
+    def check_latents(self, z: torch.Tensor, what: str = "latents") -> torch.Tensor:
+        if z.dim() != 4 or z.shape[1] != self.prior.unet.config.in_channels:
+            raise ValueError(f"{what} must be [B,{self.prior.unet.config.in_channels},h,w], got {tuple(z.shape)}")
+        if not torch.isfinite(z).all():
+            raise ValueError(f"{what} contain NaN or inf: the optimisation diverged (lower the learning rate)")
+        return z
+
+    def latents_of(
+        self, rgb: Optional[torch.Tensor], latents: Optional[torch.Tensor], what: str, generator=None
+    ) -> torch.Tensor:
+        if (rgb is None) == (latents is None):
+            raise ValueError(f"pass exactly one of the {what} image or its latents")
+        if latents is not None:
+            return self.check_latents(latents, f"{what} latents")
+        return self.prior.encode_images(self.check_rgb(rgb, what), generator)
+
+    def control_of(self, depth: Optional[torch.Tensor], z: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.adapters is None or not self.adapters.use_controlnet:
+            return None
+        if depth is None:
+            raise ValueError("PiVa with a depth ControlNet needs the render's depth (or set use_controlnet=False)")
+        if torch.isnan(depth).any():
+            raise ValueError("depth contains NaN: the scene diverged (inf or 0 mark background and are fine)")
+        f = self.prior.vae_scale_factor
+        return depth_to_control(depth, (z.shape[-2] * f, z.shape[-1] * f)).to(self.prior.device)
+
+    # -- the score --------------------------------------------------------------
+    def step(
+        self,
+        rgb: Optional[torch.Tensor] = None,
+        *,
+        latents: Optional[torch.Tensor] = None,
+        depth: Optional[torch.Tensor] = None,
+        source_rgb: Optional[torch.Tensor] = None,
+        source_latents: Optional[torch.Tensor] = None,
+        step: int = 0,
+        generator: Optional[torch.Generator] = None,
+        t: Optional[int] = None,
+        noise: Optional[torch.Tensor] = None,
+    ) -> GuidanceOutput:
+        """The loss whose gradient on the latents is eq. 2 (sds), 4 (dds) or 9 (piva).
+
+        Give the edited image as `rgb` [B,3,H,W] in [0,1] (gradients flow through
+        the VAE encoder) or directly as `latents`. `source_*` (the original's
+        render) is needed only by DDS with the true source latent.
+        """
+        cfg, prior = self.config, self.prior
+        z = self.latents_of(rgb, latents, "edited", generator)
+        b = z.shape[0]
+        t = self.schedule.sample(step, generator) if t is None else int(t)
+        if noise is None:
+            noise = torch.randn(z.shape, generator=generator, device="cpu")
+        noise = noise.to(prior.device, z.dtype)
+        tt = torch.full((b,), t, device=prior.device, dtype=torch.long)
+        alpha_bar = prior.alphas_cumprod[t]
+        z_t = (alpha_bar.sqrt() * z.detach() + (1 - alpha_bar).sqrt() * noise).to(prior.dtype)
+
+        # Rows of the single UNet call: (latent, text, route).
+        rows: list[tuple[torch.Tensor, torch.Tensor, str]] = []
+
+        def add(lat, text, route=BASE) -> slice:
+            rows.append((lat, text.expand(b, -1, -1), route))
+            return slice((len(rows) - 1) * b, len(rows) * b)
+
+        if cfg.mode == "sds":
+            tgt, unc = add(z_t, self.target_text), add(z_t, self.uncond_text)
+        elif cfg.uses_same_latent:
+            # Same z_t for both branches: the unconditional terms of the two CFGs cancel
+            # exactly, so DDS needs only the two conditional rows.
+            tgt, src = add(z_t, self.target_text), add(z_t, self.source_text)
+        else:
+            z_src = self.latents_of(source_rgb, source_latents, "source", generator).detach()
+            if z_src.shape != z.shape:
+                raise ValueError(f"source latents {tuple(z_src.shape)} do not match edited latents {tuple(z.shape)}")
+            zs_t = (alpha_bar.sqrt() * z_src + (1 - alpha_bar).sqrt() * noise).to(prior.dtype)
+            tgt, unc = add(z_t, self.target_text), add(z_t, self.uncond_text)
+            src, src_unc = add(zs_t, self.source_text), add(zs_t, self.uncond_text)
+        if self.adapters is not None:
+            psi = add(z_t, self.source_text, SOURCE)
+            phi = add(z_t, self.target_text, TARGET)
+            if cfg.adapter_guidance_scale != 1.0:
+                psi_unc, phi_unc = add(z_t, self.uncond_text, SOURCE), add(z_t, self.uncond_text, TARGET)
+
+        lat = torch.cat([r[0] for r in rows])
+        text = torch.cat([r[1] for r in rows])
+        routes = [r[2] for r in rows for _ in range(b)]
+        tb = tt.repeat(len(rows))
+        with torch.no_grad():
+            if self.adapters is not None:
+                adapter_rows = sum(r != BASE for r in routes) // b
+                control = self.control_of(depth, z)
+                control = control.repeat(adapter_rows, 1, 1, 1) if control is not None else None
+                out = self.adapters.predict(lat, tb, text, routes, control)
+            else:
+                out = prior.unet(lat, tb, encoder_hidden_states=text, return_dict=False)[0]
+            eps = prior.to_epsilon(out, lat, tb).float()
+
+        s = cfg.guidance_scale
+        if cfg.mode == "sds":
+            score = eps[unc] + s * (eps[tgt] - eps[unc]) - noise.float()
+        elif cfg.uses_same_latent:
+            score = s * (eps[tgt] - eps[src])
+        else:
+            score = (eps[unc] + s * (eps[tgt] - eps[unc])) - (eps[src_unc] + s * (eps[src] - eps[src_unc]))
+        diagnostics = {"t": t, "delta_norm": score.norm().item()}
+        if self.adapters is not None:
+            sa = cfg.adapter_guidance_scale
+            e_psi, e_phi = eps[psi], eps[phi]
+            if sa != 1.0:
+                e_psi = eps[psi_unc] + sa * (e_psi - eps[psi_unc])
+                e_phi = eps[phi_unc] + sa * (e_phi - eps[phi_unc])
+            reg = e_psi - e_phi
+            diagnostics["identity_norm"] = reg.norm().item()
+            score = score + cfg.identity_weight * reg
+        w = sds_weight(prior.alphas_cumprod, torch.tensor(t, device=prior.device))
+        grad = torch.nan_to_num(w * score)
+        diagnostics["grad_norm"] = grad.norm().item()
+        loss = (grad.detach() * z.float()).sum() / b
+        return GuidanceOutput(loss=loss, grad=grad.detach(), t=t, diagnostics=diagnostics)
+
+    # -- the adapters (eq. 7, 8) ------------------------------------------------
+    def update_adapters(
+        self,
+        rgb: Optional[torch.Tensor] = None,
+        *,
+        latents: Optional[torch.Tensor] = None,
+        depth: Optional[torch.Tensor] = None,
+        source_rgb: Optional[torch.Tensor] = None,
+        source_latents: Optional[torch.Tensor] = None,
+        source_depth: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> dict:
+        """Train the source adapter on the ORIGINAL render and the target adapter on the CURRENT one."""
+        if self.adapters is None:
+            return {}
+        with torch.no_grad():
+            z = self.latents_of(rgb.detach() if rgb is not None else None, latents, "edited", generator)
+            z_src = self.latents_of(source_rgb, source_latents, "source", generator)
+        if z.shape != z_src.shape:
+            raise ValueError(f"original {tuple(z_src.shape)} and edited {tuple(z.shape)} renders differ in shape")
+        return self.adapters.update(
+            z,
+            z_src,
+            self.target_text,
+            self.source_text,
+            depth_control=self.control_of(depth, z),
+            source_depth_control=self.control_of(source_depth, z_src),
+            generator=generator,
+        )
+
+    def settings(self) -> dict:
+        return {**asdict(self.config), "same_latent_resolved": self.config.uses_same_latent, "model": self.prior.name}

@@ -1,0 +1,143 @@
+"""The two LoRA adapters: isolation, routing of renders, frozen base, diffusers-format persistence."""
+
+import pytest
+import torch
+
+from piva.guidance import SOURCE, TARGET, GuidanceConfig, ScoreDistillation
+from piva.prior import DiffusionPrior
+
+SRC, TGT = "a red cube", "a blue cube"
+
+
+def make(prior, **kw):
+    return ScoreDistillation(prior, GuidanceConfig(mode="piva", source_prompt=SRC, target_prompt=TGT, **kw))
+
+
+def adapter_params(sd, name):
+    return [p.detach().clone() for p in sd.adapters.parameters[name]]
+
+
+def base_state(prior):
+    return {
+        f"{i}.{k.replace('.base_layer', '')}": v.detach().clone()
+        for i, m in enumerate(prior.modules())
+        for k, v in m.state_dict().items()
+        if ".lora_" not in k
+    }
+
+
+def renders(seed, b=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, 32, 32, generator=g), torch.rand(b, 1, 32, 32, generator=g) + 2
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_base_weights_bit_identical_after_many_steps(prior):
+    before = base_state(prior)
+    sd = make(prior)
+    assert all(not p.requires_grad for m in prior.modules() for k, p in m.named_parameters() if ".lora_" not in k)
+    rgb0, depth = renders(0)
+    x = torch.nn.Parameter(rgb0.clone())
+    opt = torch.optim.SGD([x], lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        out = sd.step(x.clamp(0, 1), depth=depth, step=i, generator=g)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        sd.update_adapters(x.clamp(0, 1), depth=depth, source_rgb=rgb0, source_depth=depth, generator=g)
+    after = base_state(prior)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not torch.equal(x.detach(), rgb0)  # the image itself did move
+
+
+def test_each_adapter_learns_only_from_its_own_renders(tiny_dir):
+    """The source adapter's update never depends on edited renders, the target's never on originals."""
+    edited_a, depth_a = renders(1)
+    edited_b, depth_b = renders(2)
+    original_a, odepth_a = renders(3)
+    original_b, odepth_b = renders(4)
+
+    def one_update(edited, depth, original, odepth):
+        prior = DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu")
+        torch.manual_seed(0)
+        sd = make(prior)
+        # A step makes non-zero LoRA-B so that both adapters' parameters receive gradient.
+        with torch.no_grad():
+            for p in sd.adapters.parameters[SOURCE] + sd.adapters.parameters[TARGET]:
+                p.add_(0.01)
+        sd.update_adapters(edited, depth=depth, source_rgb=original, source_depth=odepth,
+                           generator=torch.Generator().manual_seed(5))
+        return adapter_params(sd, SOURCE), adapter_params(sd, TARGET)
+
+    s1, t1 = one_update(edited_a, depth_a, original_a, odepth_a)
+    s2, t2 = one_update(edited_b, depth_b, original_a, odepth_a)  # other edited render
+    s3, t3 = one_update(edited_a, depth_a, original_b, odepth_b)  # other original render
+    assert same(s1, s2) and not same(t1, t2)
+    assert same(t1, t3) and not same(s1, s3)
+
+
+def test_an_adapter_update_changes_only_adapter_parameters(prior):
+    sd = make(prior)
+    lora_before = {k: v.clone() for k, v in prior.unet.state_dict().items() if ".lora_" in k}
+    rgb, depth = renders(0)
+    for _ in range(3):
+        sd.update_adapters(rgb, depth=depth, source_rgb=rgb, source_depth=depth)
+    lora_after = {k: v for k, v in prior.unet.state_dict().items() if ".lora_" in k}
+    changed = {k.split(".lora_")[1].split(".")[1] for k in lora_before if not torch.equal(lora_before[k], lora_after[k])}
+    assert changed == {SOURCE, TARGET}
+
+
+def test_adapters_round_trip_in_diffusers_format(tiny_dir, tmp_path):
+    prior = DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu")
+    sd = make(prior)
+    with torch.no_grad():
+        for i, p in enumerate(sd.adapters.parameters[SOURCE] + sd.adapters.parameters[TARGET]):
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(i))
+    sd.adapters.save(tmp_path / "adapters")
+    assert (tmp_path / "adapters" / TARGET / "pytorch_lora_weights.safetensors").is_file()
+
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    depth = torch.rand(1, 1, 32, 32) + 1
+    ref = sd.step(latents=z, depth=depth, t=500, noise=noise).grad
+
+    fresh = DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu")
+    sd2 = make(fresh)
+    assert not torch.allclose(sd2.step(latents=z, depth=depth, t=500, noise=noise).grad, ref)
+    sd2.adapters.load(tmp_path / "adapters")
+    torch.testing.assert_close(sd2.step(latents=z, depth=depth, t=500, noise=noise).grad, ref, rtol=1e-5, atol=1e-6)
+
+    # diffusers' own loader reads the UNet part: its predictions match our target adapter's.
+    plain = DiffusionPrior.from_pretrained(tiny_dir, device="cpu")
+    plain.unet.load_lora_adapter(
+        str(tmp_path / "adapters" / TARGET), weight_name="pytorch_lora_weights.safetensors", prefix="unet", adapter_name="edited"
+    )
+    emb = plain.encode_prompts([TGT])
+    t = torch.tensor([300])
+    ours_2d = make(DiffusionPrior.from_pretrained(tiny_dir, device="cpu"), use_controlnet=False)
+    ours_2d.adapters.load(tmp_path / "adapters")
+    with torch.no_grad():
+        theirs = plain.unet(z, t, encoder_hidden_states=emb).sample
+        ours = ours_2d.adapters.predict(z, t, emb, [TARGET])
+        base = ours_2d.adapters.predict(z, t, emb, ["__base__"])
+    assert not torch.allclose(ours, base, atol=1e-4)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_loading_adapters_of_another_rank_fails_clearly(tiny_dir, tmp_path):
+    p1 = DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu")
+    make(p1, adapter_rank=4).adapters.save(tmp_path / "a")
+    p2 = DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu")
+    with pytest.raises(ValueError, match="does not fit this model"):
+        make(p2, adapter_rank=8).adapters.load(tmp_path / "a")
+
+
+def test_second_adapter_pair_on_one_prior_is_refused(prior):
+    make(prior)
+    with pytest.raises(ValueError, match="already carries piva adapters"):
+        make(prior)

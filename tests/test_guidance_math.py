@@ -1,0 +1,221 @@
+"""SDS / DDS / PiVa gradients against hand-written formulas on fixed noise and t.
+
+The expected values use the raw diffusers/peft modules and the scheduler's
+closed form, never piva's own helpers.
+"""
+
+import pytest
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from conftest import randomize_adapters
+from piva.guidance import GuidanceConfig, ScoreDistillation
+from piva.prior import DiffusionPrior
+
+SRC, TGT = "a red cube", "a blue cube on a white plate"
+T = 437
+CFG = 7.5
+
+
+def alphas_bar() -> torch.Tensor:
+    """SD's scaled_linear schedule, written out."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def embed(prior, text, b):
+    ids = prior.tokenizer([text], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    return prior.text_encoder(ids)[0].expand(b, -1, -1)
+
+
+def set_lora(prior, adapter):
+    """Standard peft switching: adapter=None disables LoRA everywhere."""
+    for model in (prior.unet, prior.controlnet):
+        if model is None:
+            continue
+        for m in model.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.enable_adapters(adapter is not None)
+                if adapter is not None:
+                    m.set_adapter(adapter)
+
+
+@torch.no_grad()
+def eps(prior, z_t, text, control=None, v_pred=False):
+    b = z_t.shape[0]
+    t = torch.full((b,), T)
+    kwargs = {}
+    if control is not None:
+        down, mid = prior.controlnet(z_t, t, encoder_hidden_states=text, controlnet_cond=control, return_dict=False)
+        kwargs = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    out = prior.unet(z_t, t, encoder_hidden_states=text, **kwargs).sample
+    if v_pred:
+        a = alphas_bar()[T]
+        out = a.sqrt() * out + (1 - a).sqrt() * z_t
+    return out
+
+
+def inverse_depth_image(depth, size):
+    inv = 1.0 / depth
+    lo, hi = inv.amin(dim=(1, 2, 3), keepdim=True), inv.amax(dim=(1, 2, 3), keepdim=True)
+    img = (inv - lo) / (hi - lo) * 0.9 + 0.1
+    return torch.nn.functional.interpolate(img, size=size, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+
+
+def run_step(prior, mode, z, noise, **kw):
+    extra = {k: kw.pop(k) for k in ("depth", "source_latents") if k in kw}
+    sd = ScoreDistillation(prior, GuidanceConfig(mode=mode, source_prompt=SRC, target_prompt=TGT, **kw))
+    z = z.clone().requires_grad_(True)
+    out = sd.step(latents=z, t=T, noise=noise, **extra)
+    out.loss.backward()
+    return sd, z.grad, out
+
+
+@pytest.fixture
+def latents():
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 4, 16, 16, generator=g)
+    noise = torch.randn(2, 4, 16, 16, generator=g)
+    z_src = torch.randn(2, 4, 16, 16, generator=g)
+    return z, noise, z_src
+
+
+def test_sds_gradient(prior, latents):
+    z, noise, _ = latents
+    _, grad, _ = run_step(prior, "sds", z, noise)
+    a = alphas_bar()[T]
+    z_t = a.sqrt() * z + (1 - a).sqrt() * noise
+    e_u, e_c = eps(prior, z_t, embed(prior, "", 2)), eps(prior, z_t, embed(prior, TGT, 2))
+    expected = (1 - a) * (e_u + CFG * (e_c - e_u) - noise) / 2
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=2e-5)
+
+
+def test_sds_gradient_v_prediction(tiny_v_dir, latents):
+    prior = DiffusionPrior.from_pretrained(tiny_v_dir, device="cpu")
+    z, noise, _ = latents
+    _, grad, _ = run_step(prior, "sds", z, noise)
+    a = alphas_bar()[T]
+    z_t = a.sqrt() * z + (1 - a).sqrt() * noise
+    e_u = eps(prior, z_t, embed(prior, "", 2), v_pred=True)
+    e_c = eps(prior, z_t, embed(prior, TGT, 2), v_pred=True)
+    expected = (1 - a) * (e_u + CFG * (e_c - e_u) - noise) / 2
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=2e-5)
+
+
+def dds_by_hand(prior, z_t, zs_t):
+    u, ct, cs = embed(prior, "", 2), embed(prior, TGT, 2), embed(prior, SRC, 2)
+    e_tgt = eps(prior, z_t, u) + CFG * (eps(prior, z_t, ct) - eps(prior, z_t, u))
+    e_src = eps(prior, zs_t, u) + CFG * (eps(prior, zs_t, cs) - eps(prior, zs_t, u))
+    return e_tgt - e_src
+
+
+def test_dds_gradient_true_source(prior, latents):
+    z, noise, z_src = latents
+    _, grad, _ = run_step(prior, "dds", z, noise, source_latents=z_src, same_latent=False)
+    a = alphas_bar()[T]
+    z_t, zs_t = (a.sqrt() * x + (1 - a).sqrt() * noise for x in (z, z_src))
+    torch.testing.assert_close(grad, (1 - a) * dds_by_hand(prior, z_t, zs_t) / 2, rtol=1e-4, atol=2e-5)
+
+
+def test_dds_gradient_same_latent(prior, latents):
+    z, noise, _ = latents
+    _, grad, _ = run_step(prior, "dds", z, noise, same_latent=True)
+    a = alphas_bar()[T]
+    z_t = a.sqrt() * z + (1 - a).sqrt() * noise
+    # The full four-evaluation CFG formula, with z_t in both branches.
+    torch.testing.assert_close(grad, (1 - a) * dds_by_hand(prior, z_t, z_t) / 2, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("adapter_cfg", [1.0, 2.0])
+def test_piva_gradient(prior, latents, adapter_cfg):
+    z, noise, _ = latents
+    lam = 0.4
+    depth = torch.rand(2, 1, 32, 32) * 2 + 2
+    # Build the adapters, then give them distinct weights so the regulariser is not trivially zero.
+    sd = ScoreDistillation(
+        prior,
+        GuidanceConfig(mode="piva", source_prompt=SRC, target_prompt=TGT, identity_weight=lam,
+                       adapter_guidance_scale=adapter_cfg),
+    )
+    randomize_adapters(prior.unet, 1)
+    randomize_adapters(prior.controlnet, 2)
+    zz = z.clone().requires_grad_(True)
+    sd.step(latents=zz, depth=depth, t=T, noise=noise).loss.backward()
+
+    a = alphas_bar()[T]
+    z_t = a.sqrt() * z + (1 - a).sqrt() * noise
+    control = inverse_depth_image(depth, (32, 32))
+    set_lora(prior, None)
+    dds = dds_by_hand(prior, z_t, z_t)
+
+    def adapter_eps(name, text):
+        set_lora(prior, name)
+        e_c = eps(prior, z_t, embed(prior, text, 2), control)
+        e_u = eps(prior, z_t, embed(prior, "", 2), control)
+        return e_u + adapter_cfg * (e_c - e_u)
+
+    e_psi, e_phi = adapter_eps("source", SRC), adapter_eps("target", TGT)
+    assert (e_psi - e_phi).abs().max() > 1e-3
+    expected = (1 - a) * (dds + lam * (e_psi - e_phi)) / 2
+    torch.testing.assert_close(zz.grad, expected, rtol=1e-4, atol=2e-5)
+
+
+def test_gradient_reaches_pixels_through_the_encoder(prior_2d):
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.rand(1, 3, 32, 32, generator=g)
+    noise = torch.randn(1, 4, 16, 16, generator=g)
+    sd = ScoreDistillation(prior_2d, GuidanceConfig(mode="sds", target_prompt=TGT))
+    x = rgb.clone().requires_grad_(True)
+    sd.step(x, t=T, noise=noise, generator=torch.Generator().manual_seed(9)).loss.backward()
+
+    x2 = rgb.clone().requires_grad_(True)
+    vae = prior_2d.vae
+    z = vae.encode(2 * x2 - 1).latent_dist.sample(torch.Generator().manual_seed(9)) * vae.config.scaling_factor
+    a = alphas_bar()[T]
+    z_t = (a.sqrt() * z + (1 - a).sqrt() * noise).detach()
+    e_u, e_c = eps(prior_2d, z_t, embed(prior_2d, "", 1)), eps(prior_2d, z_t, embed(prior_2d, TGT, 1))
+    (expected,) = torch.autograd.grad(z, x2, (1 - a) * (e_u + CFG * (e_c - e_u) - noise))
+    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=2e-5)
+
+
+def test_piva_with_zero_lambda_equals_dds(tiny_dir, latents):
+    z, noise, _ = latents
+    depth = torch.rand(2, 1, 32, 32) + 1
+    p1 = DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu")
+    _, g_piva, _ = run_step(p1, "piva", z, noise, identity_weight=0.0, depth=depth)
+    p2 = DiffusionPrior.from_pretrained(tiny_dir, device="cpu")
+    _, g_dds, _ = run_step(p2, "dds", z, noise, same_latent=True)
+    torch.testing.assert_close(g_piva, g_dds, rtol=1e-5, atol=1e-7)
+    # ...and with lambda > 0 it does not.
+    p3 = DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu")
+    _, g_reg, _ = run_step(p3, "piva", z, noise, identity_weight=0.4, depth=depth)
+    assert (g_reg - g_dds).abs().max() > 1e-4
+
+
+def test_same_latent_and_true_source_differ_only_through_the_source(prior_2d, latents):
+    z, noise, z_src = latents
+    _, g_same, _ = run_step(prior_2d, "dds", z, noise, same_latent=True)
+    # True source equal to the edited latents: identical to the same-latent trick.
+    _, g_true_eq, _ = run_step(prior_2d, "dds", z, noise, same_latent=False, source_latents=z.clone())
+    torch.testing.assert_close(g_same, g_true_eq, rtol=1e-4, atol=2e-5)
+    # A different original: the true-source gradient changes, the same-latent one ignores it.
+    _, g_true, _ = run_step(prior_2d, "dds", z, noise, same_latent=False, source_latents=z_src)
+    _, g_same2, _ = run_step(prior_2d, "dds", z, noise, same_latent=True, source_latents=z_src)
+    assert (g_true - g_same).abs().max() > 1e-3
+    torch.testing.assert_close(g_same2, g_same, rtol=0, atol=0)
+
+
+def test_same_latent_default_per_mode():
+    assert GuidanceConfig(mode="piva", source_prompt="a", target_prompt="b").uses_same_latent
+    assert not GuidanceConfig(mode="dds", source_prompt="a", target_prompt="b").uses_same_latent
+
+
+def test_annealed_timesteps():
+    from piva.guidance import AnnealedTimesteps
+
+    s = AnnealedTimesteps(1000, (0.02, 0.98), (0.02, 0.5), anneal_step=10)
+    g = torch.Generator().manual_seed(0)
+    early = [s.sample(0, g) for _ in range(400)]
+    late = [s.sample(10, g) for _ in range(400)]
+    assert min(early) >= 20 and max(early) < 980 and max(early) > 600
+    assert min(late) >= 20 and max(late) < 500
