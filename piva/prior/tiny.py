@@ -32,6 +32,9 @@ def write_clip_tokenizer(out_dir: Union[str, Path]) -> Path:
     tokenizer = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), pad_token="<|endoftext|>")
     tokenizer.model_max_length = 77
     tokenizer.save_pretrained(out)
+    # Same files as stable-diffusion-2-1-base's tokenizer folder; the fast-tokenizer
+    # JSON is derived from them and would double the committed size.
+    (out / "tokenizer.json").unlink(missing_ok=True)
     return out
 
 
