@@ -259,10 +259,11 @@ def write_blender_dataset(
     distance: float = 3.6,
     seed: int = 0,
 ) -> Path:
-    """Write a nerfstudio/Blender dataset (`transforms_train.json`, `transforms_val.json`, PNGs with alpha, depth .npy).
+    """Write a nerfstudio/Blender dataset (`transforms_{train,val,test}.json`) of a toy scene.
 
-    Images are RGBA so nerfstudio's blender parser composites them on its background;
-    the exact depth of each view goes beside it for checks.
+    Images are RGB on the toy world's grey background (read it with
+    `blender-data --alpha-color None`, or nerfstudio would composite on white);
+    alpha, object coverage and exact depth of each view go beside them for checks.
     """
     import imageio.v3 as iio
 
@@ -273,12 +274,8 @@ def write_blender_dataset(
         frames = []
         for i, cam in enumerate(cams):
             r = render(scene, cam)
-            # Un-premultiply so that compositing over the background gives back the render.
-            a = r["alpha"][..., None]
-            fg = np.where(a > 1e-4, (r["rgb"] - (1 - a) * BACKGROUND) / np.maximum(a, 1e-4), 0.0)
-            rgba = np.concatenate([np.clip(fg, 0, 1), a], -1)
-            iio.imwrite(out / split / f"r_{i}.png", (rgba * 255).round().astype(np.uint8))
-            np.save(out / split / f"r_{i}_depth.npy", r["depth"])
+            iio.imwrite(out / split / f"r_{i}.png", (r["rgb"] * 255).round().astype(np.uint8))
+            np.savez_compressed(out / split / f"r_{i}_exact.npz", depth=r["depth"], alpha=r["alpha"], object=r["object"])
             frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": cam.c2w.tolist()})
         fov_x = fov_y  # square images
         meta = {"camera_angle_x": math.radians(fov_x), "frames": frames}

@@ -1,0 +1,319 @@
+"""The editing loop: render a whole view, score it with piva.guidance, push the gradient into the field.
+
+All of the method lives in `piva.guidance`; this file only renders, resizes and
+bookkeeps. Whole views are rendered in two passes so memory does not grow with the
+image: a no-grad render feeds the guidance, then the image gradient is pushed back
+chunk by chunk (each chunk re-rendered with grad and backpropagated at once).
+
+The source adapter needs the ORIGINAL scene. We cache the original field's renders
+(RGB and depth) of every training camera once, before the first edit step, instead
+of keeping a frozen second field: it costs one pass over the cameras, no second
+field in GPU memory, and the cache travels in the checkpoint, so a resumed run still
+knows what the scene looked like before the edit. Renders (not the captured photos)
+are used on purpose: the source adapter must model the original scene *as rendered*,
+with the same blur as the edited renders, so that the regulariser measures the edit
+and not the gap between a NeRF and a photo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from piva.guidance import GuidanceConfig, ScoreDistillation
+from piva.prior import DEFAULT_CONTROLNET, DEFAULT_MODEL, DiffusionPrior
+
+STATE_PREFIX = "piva."
+
+
+@dataclass
+class PivaPipelineConfig(VanillaPipelineConfig):
+    _target: Type = field(default_factory=lambda: PivaPipeline)
+    source_prompt: str = ""
+    """Describes the scene as captured, e.g. 'a photo of a man'."""
+    target_prompt: str = ""
+    """Describes the wanted edit, e.g. 'a photo of a man with a beard'."""
+    method: Literal["piva", "dds", "sds"] = "piva"
+    """Score: piva (DDS + identity regulariser), dds or sds."""
+    diffusion_model: str = DEFAULT_MODEL
+    """Base text-to-image model: hub id or local diffusers folder."""
+    controlnet_model: str = DEFAULT_CONTROLNET
+    """Depth ControlNet for the adapters: hub id or local folder (piva only)."""
+    identity_weight: float = 0.2
+    """lambda of eq. 9 (paper: 0.2 for real scenes)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance of the base model."""
+    adapter_guidance_scale: float = 1.0
+    """Classifier-free guidance of the source/target adapters."""
+    adapter_rank: int = 4
+    """LoRA rank of each adapter."""
+    adapter_lr: float = 1e-4
+    """Learning rate of the adapters (their own AdamW)."""
+    same_latent: Optional[bool] = None
+    """DDS with the edited z_t for the original (paper's trick); None: on for piva, off for dds."""
+    t_range: Tuple[float, float] = (0.02, 0.98)
+    """Timestep range before annealing (fraction of T)."""
+    annealed_range: Tuple[float, float] = (0.02, 0.50)
+    """Timestep range after `anneal_after` edit steps."""
+    anneal_after: Optional[int] = 2000
+    """Edit steps before the timestep range anneals (None: never)."""
+    render_short_side: int = 512
+    """Short side of the rendered views fed to the diffusion model."""
+    rays_per_chunk: int = 1 << 14
+    """Rays rendered (and backpropagated) at once; lower it to save memory."""
+    depth_far: float = float("inf")
+    """Depths beyond this count as background for the depth ControlNet."""
+    diffusion_dtype: Optional[str] = None
+    """float32, float16 or bfloat16 (default: fp32 on CPU, bf16/fp16 on GPU)."""
+    seed: int = 0
+    """Seed of camera, timestep and noise sampling."""
+
+
+class PivaPipeline(VanillaPipeline):
+    config: PivaPipelineConfig
+
+    def __init__(self, config: PivaPipelineConfig, device: str, test_mode: str = "val", **kwargs) -> None:
+        if test_mode == "val":  # training: fail on bad prompts before any loading
+            self.guidance_config(config).validate()
+        super().__init__(config, device, test_mode=test_mode, **kwargs)
+        self.guidance: Optional[ScoreDistillation] = None
+        self.original_rgb: Optional[torch.Tensor] = None  # [N,H,W,3] uint8, CPU
+        self.original_depth: Optional[torch.Tensor] = None  # [N,H,W] float16, CPU
+        self.edit_start_step: Optional[int] = None
+        self.last_diagnostics: Dict[str, float] = {}
+        self._pending_adapters: Optional[dict] = None
+
+    # -- configuration ----------------------------------------------------------
+    @staticmethod
+    def guidance_config(config: PivaPipelineConfig) -> GuidanceConfig:
+        return GuidanceConfig(
+            mode=config.method,
+            source_prompt=config.source_prompt,
+            target_prompt=config.target_prompt,
+            guidance_scale=config.guidance_scale,
+            adapter_guidance_scale=config.adapter_guidance_scale,
+            identity_weight=config.identity_weight,
+            same_latent=config.same_latent,
+            t_range=tuple(config.t_range),
+            annealed_range=tuple(config.annealed_range),
+            anneal_step=config.anneal_after,
+            adapter_rank=config.adapter_rank,
+            adapter_lr=config.adapter_lr,
+            use_controlnet=True,
+        )
+
+    def fingerprint(self) -> dict:
+        """What identifies the scene and the diffusion set-up a checkpoint belongs to."""
+        cams = self.datamanager.train_dataparser_outputs.cameras
+        poses = cams.camera_to_worlds.detach().cpu().double().numpy().round(4).tobytes()
+        return {
+            "num_cameras": len(cams),
+            "poses_sha1": hashlib.sha1(poses).hexdigest(),
+            "diffusion_model": self.config.diffusion_model,
+            "controlnet_model": self.config.controlnet_model if self.config.method == "piva" else "",
+            "method": self.config.method,
+            "adapter_rank": self.config.adapter_rank,
+        }
+
+    # -- rendering --------------------------------------------------------------
+    def _camera(self, index: int):
+        cams = self.datamanager.train_dataparser_outputs.cameras
+        cam = cams[index : index + 1].to(self.device)
+        short = min(int(cam.height.item()), int(cam.width.item()))
+        cam.rescale_output_resolution(self.config.render_short_side / short)
+        return cam, index
+
+    def _render(self, camera, grad_rgb: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Whole-view render in chunks. With `grad_rgb` [H,W,3], each chunk is re-rendered with
+        grad and backpropagated at once, so memory stays at one chunk."""
+        cam, index = camera
+        bundle = cam.generate_rays(camera_indices=0, keep_shape=True)
+        # The view's own appearance embedding, not camera 0's.
+        bundle.camera_indices = torch.full_like(bundle.camera_indices, index)
+        h, w = bundle.shape[:2]
+        flat = bundle.flatten()
+        rgb, depth, acc = [], [], []
+        step = self.config.rays_per_chunk
+        for i in range(0, len(flat), step):
+            chunk = flat[i : i + step]
+            if grad_rgb is None:
+                with torch.no_grad():
+                    out = self.model(chunk)  # forward: applies the collider (near/far) first
+                rgb.append(out["rgb"])
+                depth.append(out["depth"])
+                acc.append(out["accumulation"])
+            else:
+                out = self.model(chunk)  # forward: applies the collider (near/far) first
+                out["rgb"].backward(grad_rgb.reshape(-1, 3)[i : i + step])
+        if grad_rgb is not None:
+            return {}
+        return {
+            "rgb": torch.cat(rgb).reshape(h, w, 3).clamp(0, 1),
+            "depth": torch.cat(depth).reshape(h, w),
+            "accumulation": torch.cat(acc).reshape(h, w),
+        }
+
+    def _to_model_size(self, x: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """[B,C,H,W] -> the nearest size the diffusion model accepts (differentiable)."""
+        m = self.guidance.prior.vae_scale_factor * self.guidance.prior.latent_multiple
+        h, w = x.shape[-2:]
+        size = (max(m, round(h / m) * m), max(m, round(w / m) * m))
+        if (h, w) == size:
+            return x
+        return F.interpolate(x, size=size, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+
+    def _depth_for_control(self, depth: torch.Tensor, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
+        d = depth.float().clone()
+        far = ~torch.isfinite(d) | (d > self.config.depth_far)
+        if acc is not None:
+            far |= acc < 0.5
+        d[far] = float("inf")
+        return d
+
+    # -- set-up on the first edit step -----------------------------------------
+    def _setup_guidance(self) -> None:
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+            self.config.diffusion_dtype or ""
+        )
+        CONSOLE.print(f"[piva] loading {self.config.diffusion_model}" + (
+            f" + {self.config.controlnet_model}" if self.config.method == "piva" else ""))
+        prior = DiffusionPrior.from_pretrained(
+            self.config.diffusion_model,
+            controlnet=self.config.controlnet_model if self.config.method == "piva" else None,
+            device=self.device,
+            dtype=dtype,
+        )
+        self.guidance = ScoreDistillation(prior, self.guidance_config(self.config))
+        if self._pending_adapters is not None:
+            self._load_adapter_state(self._pending_adapters)
+            self._pending_adapters = None
+
+    @torch.no_grad()
+    def _cache_original_renders(self) -> None:
+        from tqdm.auto import tqdm
+
+        n = len(self.datamanager.train_dataparser_outputs.cameras)
+        rgbs, depths = [], []
+        for i in tqdm(range(n), desc="[piva] rendering the original scene"):
+            out = self._render(self._camera(i))
+            rgbs.append((out["rgb"] * 255).round().to(torch.uint8).cpu())
+            depths.append(self._depth_for_control(out["depth"], out["accumulation"]).half().cpu())
+        shapes = {tuple(r.shape) for r in rgbs}
+        if len(shapes) != 1:
+            raise ValueError(f"training images of different sizes {sorted(shapes)}: piva needs one image size per scene")
+        self.original_rgb, self.original_depth = torch.stack(rgbs), torch.stack(depths)
+
+    # -- the training step ------------------------------------------------------
+    def get_train_loss_dict(self, step: int):
+        if self.guidance is None:
+            self._setup_guidance()
+        if self.original_rgb is None:
+            self._cache_original_renders()
+        if self.edit_start_step is None:
+            self.edit_start_step = step
+        edit_step = step - self.edit_start_step
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+
+        # The field's own ray batch keeps the proposal networks tracking the edited density
+        # (interlevel/distortion losses); the photometric loss is dropped: it would undo the edit.
+        ray_bundle, batch = self.datamanager.next_train(step)
+        model_outputs = self.model(ray_bundle)
+        metrics_dict = self.model.get_metrics_dict(model_outputs, batch)
+        loss_dict = {k: v for k, v in self.model.get_loss_dict(model_outputs, batch, metrics_dict).items() if k != "rgb_loss"}
+
+        index = int(torch.randint(0, len(self.original_rgb), (1,), generator=g))
+        cam = self._camera(index)
+        current = self._render(cam)
+        x = current["rgb"].permute(2, 0, 1)[None].detach().requires_grad_(True)
+        x_in = self._to_model_size(x).clamp(0, 1)
+        depth = self._to_model_size(self._depth_for_control(current["depth"], current["accumulation"])[None, None], "nearest")
+        src_rgb = self._to_model_size(self.original_rgb[index].to(self.device).permute(2, 0, 1)[None].float() / 255)
+        src_depth = self._to_model_size(self.original_depth[index].to(self.device).float()[None, None], "nearest")
+
+        out = self.guidance.step(x_in, depth=depth, source_rgb=src_rgb, step=edit_step, generator=g)
+        (grad_image,) = torch.autograd.grad(out.loss, x)
+        self._render(cam, grad_rgb=grad_image[0].permute(1, 2, 0).contiguous())
+        adapter_losses = self.guidance.update_adapters(
+            x_in.detach(), depth=depth, source_rgb=src_rgb, source_depth=src_depth, generator=g
+        )
+        self.last_diagnostics = {**out.diagnostics, **adapter_losses, "edit_step": edit_step, "camera": index}
+        for k, v in self.last_diagnostics.items():
+            metrics_dict[f"piva/{k}"] = float(v)
+        if not loss_dict:  # the trainer backpropagates a sum of losses; ours already happened
+            loss_dict["piva_done"] = torch.zeros((), device=self.device, requires_grad=True)
+        return model_outputs, loss_dict, metrics_dict
+
+    # -- checkpoints ------------------------------------------------------------
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        if self.original_rgb is not None:
+            state[STATE_PREFIX + "original_rgb"] = self.original_rgb
+            state[STATE_PREFIX + "original_depth"] = self.original_depth
+        meta = {**self.fingerprint(), "edit_start_step": self.edit_start_step}
+        state[STATE_PREFIX + "meta"] = meta
+        if self.guidance is not None and self.guidance.adapters is not None:
+            state[STATE_PREFIX + "adapters"] = self._adapter_state()
+        elif self._pending_adapters is not None:
+            state[STATE_PREFIX + "adapters"] = self._pending_adapters
+        return state
+
+    def _adapter_state(self) -> dict:
+        a = self.guidance.adapters
+        return {
+            "weights": {n: [p.detach().cpu() for p in a.parameters[n]] for n in a.parameters},
+            "optimizer": a.optimizer.state_dict(),
+        }
+
+    def _load_adapter_state(self, state: dict) -> None:
+        a = self.guidance.adapters
+        if a is None:
+            return
+        for name, tensors in state["weights"].items():
+            params = a.parameters[name]
+            if len(params) != len(tensors) or any(p.shape != t.shape for p, t in zip(params, tensors)):
+                raise ValueError("the checkpoint's adapters do not fit this diffusion model / adapter rank")
+            with torch.no_grad():
+                for p, t in zip(params, tensors):
+                    p.copy_(t)
+        a.optimizer.load_state_dict(state["optimizer"])
+
+    def load_pipeline(self, loaded_state: Dict[str, Any], step: int) -> None:
+        state = dict(loaded_state)
+        piva = {k[len(STATE_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(STATE_PREFIX)}
+        if "meta" in piva:
+            self.check_compatible(piva["meta"])
+            self.edit_start_step = piva["meta"].get("edit_start_step")
+        self.original_rgb = piva.get("original_rgb")
+        self.original_depth = piva.get("original_depth")
+        if "adapters" in piva:
+            if self.guidance is not None:
+                self._load_adapter_state(piva["adapters"])
+            else:
+                self._pending_adapters = piva["adapters"]
+        try:
+            super().load_pipeline(state, step)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            detail = next((line.strip() for line in first if "size mismatch" in line), first[-1] if first else "")
+            raise ValueError(f"checkpoint does not fit this model config (another scene or model?): {detail}") from None
+
+    def check_compatible(self, meta: Mapping[str, Any]) -> None:
+        mine = self.fingerprint()
+        if meta.get("num_cameras") != mine["num_cameras"] or meta.get("poses_sha1") != mine["poses_sha1"]:
+            raise ValueError(
+                f"this piva checkpoint was made on another scene ({meta.get('num_cameras')} cameras, poses "
+                f"{str(meta.get('poses_sha1'))[:8]}) than --data ({mine['num_cameras']} cameras, {mine['poses_sha1'][:8]})"
+            )
+        for key in ("diffusion_model", "controlnet_model", "method", "adapter_rank"):
+            if key in meta and meta[key] != mine[key]:
+                raise ValueError(
+                    f"this piva checkpoint used {key}={meta[key]!r} but the config says {mine[key]!r}: "
+                    "resume with the same settings or start a new edit from the nerfacto checkpoint"
+                )
+

@@ -1,0 +1,99 @@
+"""Trainer: atomic checkpoints, and starting an edit from a nerfacto run vs resuming a piva run."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Type
+
+import torch
+from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from nerfstudio.utils.rich_utils import CONSOLE
+
+
+@dataclass
+class PivaTrainerConfig(TrainerConfig):
+    _target: Type = field(default_factory=lambda: PivaTrainer)
+
+
+def _fail(message: str) -> None:
+    raise SystemExit(f"piva: error: {message}")
+
+
+def latest_checkpoint(directory: Path) -> Path:
+    steps = sorted(int(p.stem.split("-")[1]) for p in directory.glob("step-*.ckpt"))
+    if not steps:
+        _fail(f"no step-*.ckpt in {directory}: point --load-dir at a run's nerfstudio_models folder")
+    return directory / f"step-{steps[-1]:09d}.ckpt"
+
+
+class PivaTrainer(Trainer):
+    config: PivaTrainerConfig
+
+    def __init__(self, config: PivaTrainerConfig, *args, **kwargs) -> None:
+        from piva.nerfstudio.piva_pipeline import PivaPipeline
+
+        try:  # bad prompts or settings: one line, before any data or weights are loaded
+            PivaPipeline.guidance_config(config.pipeline).validate()
+        except ValueError as exc:
+            _fail(f"{exc} (set --pipeline.source-prompt / --pipeline.target-prompt)")
+        super().__init__(config, *args, **kwargs)
+
+    def _load_checkpoint(self) -> None:
+        """A nerfacto checkpoint starts an edit (its field only); a piva checkpoint resumes everything."""
+        cfg = self.config
+        if cfg.load_checkpoint is not None:
+            path = Path(cfg.load_checkpoint)
+        elif cfg.load_dir is not None:
+            d = Path(cfg.load_dir)
+            if not d.is_dir():
+                _fail(f"--load-dir {d} does not exist: pass the nerfstudio_models folder of a trained nerfacto run")
+            path = d / f"step-{cfg.load_step:09d}.ckpt" if cfg.load_step is not None else latest_checkpoint(d)
+        else:
+            _fail("ns-train piva edits a trained scene: pass --load-dir RUN/nerfstudio_models of a nerfacto run")
+        if not path.is_file():
+            _fail(f"checkpoint {path} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # truncated or foreign file
+            _fail(f"cannot read checkpoint {path} ({type(exc).__name__}): is it a nerfstudio checkpoint?")
+        if "pipeline" not in state or "step" not in state:
+            _fail(f"{path} is not a nerfstudio checkpoint")
+        resuming = "piva.meta" in state["pipeline"]
+        try:
+            self.pipeline.load_pipeline(state["pipeline"], state["step"])
+        except ValueError as exc:
+            _fail(str(exc))
+        self._start_step = state["step"] + 1
+        if resuming:
+            self.optimizers.load_optimizers(state["optimizers"])
+            if "schedulers" in state and cfg.load_scheduler:
+                self.optimizers.load_schedulers(state["schedulers"])
+            self.grad_scaler.load_state_dict(state["scalers"])
+            CONSOLE.print(f"[piva] resuming the edit from {path} at step {self._start_step}")
+        else:
+            # A fresh edit: the reconstruction run's optimizer states and schedules do not apply.
+            CONSOLE.print(f"[piva] starting an edit from {path} (step {state['step']})")
+
+    def save_checkpoint(self, step: int) -> None:
+        """Write to a temporary file beside the folder, then rename: a kill never leaves a broken latest checkpoint."""
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
+        tmp = self.checkpoint_dir.parent / f".{self.checkpoint_dir.name}-step-{step:09d}.tmp"
+        pipeline = self.pipeline.module if hasattr(self.pipeline, "module") else self.pipeline
+        torch.save(
+            {
+                "step": step,
+                "pipeline": pipeline.state_dict(),
+                "optimizers": {k: v.state_dict() for (k, v) in self.optimizers.optimizers.items()},
+                "schedulers": {k: v.state_dict() for (k, v) in self.optimizers.schedulers.items()},
+                "scalers": self.grad_scaler.state_dict(),
+            },
+            tmp,
+        )
+        os.replace(tmp, ckpt_path)
+        if self.config.save_only_latest_checkpoint:
+            for f in self.checkpoint_dir.glob("*.ckpt"):
+                if f != ckpt_path:
+                    f.unlink()
