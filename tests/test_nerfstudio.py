@@ -1,0 +1,106 @@
+"""`ns-train piva` on a toy scene: discovery, a real nerfacto run, editing, checkpoints, resume, bad input."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("nerfstudio")
+
+from piva.toyworld import nerf  # noqa: E402
+from piva.toyworld.scenes import Scene, write_blender_dataset  # noqa: E402
+
+NS_TRAIN = str(Path(sys.executable).parent / "ns-train")
+pytestmark = pytest.mark.slow
+
+
+def test_nerfstudio_discovers_the_methods():
+    from nerfstudio.configs.method_configs import all_descriptions
+    from nerfstudio.plugins.registry import discover_methods
+
+    methods, _ = discover_methods()
+    assert {"piva", "piva-dds", "piva-small"} <= set(methods)
+    assert "piva" in all_descriptions
+    assert methods["piva"].pipeline.identity_weight == 0.2  # paper: real scenes
+    assert methods["piva-dds"].pipeline.method == "dds"
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ns")
+    data = write_blender_dataset(Scene("cube", "red"), root / "data", n_train=12, n_val=2, size=32)
+    other = write_blender_dataset(Scene("cube", "red"), root / "other", n_train=12, n_val=2, size=32, seed=7)
+    ckpt = nerf.run(nerf.source_scene_config(data, root / "runs", steps=20, rays=256))
+    return {"root": root, "data": data, "other": other, "nerfacto": ckpt}
+
+
+def ns_train(scene, tiny_dir, *extra, load_dir=None, data=None, prompts=("a red cube", "a blue cube"), steps=2):
+    args = [NS_TRAIN, "piva", "--output-dir", str(scene["root"] / "edits"), "--experiment-name", "edit",
+            "--timestamp", "run", "--max-num-iterations", str(steps), "--steps-per-save", "1",
+            "--machine.device-type", "cpu", "--vis", "tensorboard",
+            "--pipeline.source-prompt", prompts[0], "--pipeline.target-prompt", prompts[1],
+            "--pipeline.diffusion-model", str(tiny_dir), "--pipeline.controlnet-model", str(tiny_dir / "controlnet"),
+            "--pipeline.render-short-side", "32", "--pipeline.datamanager.train-num-rays-per-batch", "128",
+            *nerf.small_model_cli_args(), *extra]
+    if load_dir is not None:
+        args += ["--load-dir", str(load_dir)]
+    args += ["blender-data", "--data", str(data or scene["data"]), "--alpha-color", "None"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+
+
+def checkpoints(scene):
+    d = scene["root"] / "edits" / "edit" / "piva" / "run" / "nerfstudio_models"
+    return d, sorted(d.glob("step-*.ckpt"))
+
+
+def test_edit_writes_adapters_and_resumes(scene, tiny_dir):
+    shutil.rmtree(scene["root"] / "edits", ignore_errors=True)
+    res = ns_train(scene, tiny_dir, load_dir=scene["nerfacto"], steps=2)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    d, ckpts = checkpoints(scene)
+    assert len(ckpts) == 1  # only the latest is kept
+    state = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+    pipe = state["pipeline"]
+    assert set(pipe["piva.adapters"]["weights"]) == {"source", "target"}
+    assert pipe["piva.adapters"]["optimizer"]["state"]  # the adapters' AdamW has moved
+    assert pipe["piva.original_rgb"].shape == (12, 32, 32, 3)
+    nerfacto_step = torch.load(next(scene["nerfacto"].glob("*.ckpt")), weights_only=False)["step"]
+    first = state["step"]
+    assert first == nerfacto_step + 2
+    assert not list(d.parent.glob(".*tmp"))  # no temporary file left behind
+
+    res = ns_train(scene, tiny_dir, load_dir=d, steps=2)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "resuming the edit" in res.stdout
+    _, ckpts = checkpoints(scene)
+    resumed = torch.load(ckpts[-1], map_location="cpu", weights_only=False)
+    assert resumed["step"] == first + 2
+    assert resumed["pipeline"]["piva.meta"]["edit_start_step"] == pipe["piva.meta"]["edit_start_step"]
+    assert torch.equal(resumed["pipeline"]["piva.original_rgb"], pipe["piva.original_rgb"])
+    # The field changed during the edit.
+    key = next(k for k in pipe if "field.mlp_base" in k or "field.mlp_head" in k)
+    assert not torch.equal(resumed["pipeline"][key], pipe[key])
+
+    # The same checkpoint on another scene's data: one clear line.
+    res = ns_train(scene, tiny_dir, load_dir=d, data=scene["other"], steps=1)
+    assert res.returncode != 0
+    assert "piva: error: this piva checkpoint was made on another scene" in res.stderr
+
+
+def test_missing_load_dir_fails_in_one_line(scene, tiny_dir):
+    res = ns_train(scene, tiny_dir, steps=1)
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("piva: error:") and "--load-dir" in last
+
+
+def test_empty_prompt_fails_in_one_line(scene, tiny_dir):
+    res = ns_train(scene, tiny_dir, load_dir=scene["nerfacto"], prompts=("a red cube", ""), steps=1)
+    assert res.returncode != 0
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("piva: error: the target prompt is empty")
