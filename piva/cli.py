@@ -3,17 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PIVA_CACHE", Path.home() / ".cache" / "piva"))
-
 
 def _edit_image(args: argparse.Namespace) -> None:
     from piva.guidance import GuidanceConfig
@@ -33,7 +25,12 @@ def _edit_image(args: argparse.Namespace) -> None:
     guidance.validate()  # fail on bad prompts before loading any weights
     if not Path(args.image).is_file():
         raise FileNotFoundError(f"image {args.image!r} does not exist")
-    prior = DiffusionPrior.from_pretrained(args.model, device=args.device)
+    model = args.model
+    if model == "toy":  # the toy world's trained prior, shipped with piva
+        from piva.toyworld.quality import PRIOR_DIR
+
+        model = str(PRIOR_DIR)
+    prior = DiffusionPrior.from_pretrained(model, device=args.device)
     record = edit_image(
         args.image,
         prior,
@@ -46,19 +43,16 @@ def _edit_image(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from piva.prior.tiny import build_tiny_prior
+    from piva.toyworld.demo import run_demo
 
-    model = cache_dir() / "tiny-random-sd"
-    if not (model / "model_index.json").is_file():
-        print(f"building a tiny random prior in {model} (offline; its weights are untrained)")
-        build_tiny_prior(model, seed=0, with_controlnet=True, sample_size=32)
-    args.model, args.image = str(model), str(EXAMPLES / "red-cube.png")
-    args.source, args.target = "a red cube", "a blue cube"
+    result = run_demo(Path(args.out), source=args.source, target=args.target, method=args.method,
+                      source_steps=args.source_steps, edit_steps=args.steps, seed=args.seed)
+    m = result["metrics"]
     print(
-        "demo: PiVa 2D edit of examples/red-cube.png with a tiny RANDOM prior - it shows the whole\n"
-        "pipeline runs offline; the pixels mean nothing until trained weights are used."
+        f"{result['method']}: judge success {m['judge_success_rate']:.0%}, target colour {m['target_colour_fraction']:.0%}, "
+        f"PSNR vs original {m['psnr_vs_original']:.1f} dB, background PSNR {m['background_psnr_vs_original']:.1f} dB "
+        f"({result['timings']['total_s'] / 60:.1f} min) -> {args.out}"
     )
-    _edit_image(args)
 
 
 def _make_tiny_prior(args: argparse.Namespace) -> None:
@@ -91,14 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", required=True)
     p.add_argument("--source", required=True, help="describes the input image")
     p.add_argument("--target", required=True, help="describes the wanted result")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id or local diffusers folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local diffusers folder, or 'toy' (the offline toy-world prior)")
     p.add_argument("--out", required=True, help="output folder")
     _add_edit_options(p, steps=1000)
     p.set_defaults(func=_edit_image)
 
-    p = sub.add_parser("demo", help="offline demo on built-in data")
+    p = sub.add_parser("demo", help="toy world, offline: reconstruct a scene with nerfacto, edit it, judge it")
     p.add_argument("--out", default="outputs/demo")
-    _add_edit_options(p, steps=60)
+    p.add_argument("--source", default="a red cube", help="a toy-world caption, e.g. 'a green sphere'")
+    p.add_argument("--target", default="a blue cube", help="a toy-world caption, e.g. 'a red cube on a white plate'")
+    p.add_argument("--method", choices=["piva", "dds"], default="piva")
+    p.add_argument("--steps", type=int, default=300, help="edit steps")
+    p.add_argument("--source-steps", type=int, default=600, help="nerfacto steps for the source scene")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("make-tiny-prior", help="write a tiny random diffusers checkpoint (for tests)")

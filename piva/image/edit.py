@@ -6,7 +6,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -82,7 +82,7 @@ def edit_image(
     """
     from tqdm.auto import tqdm
 
-    guidance.use_controlnet = False  # 2D: LoRA on the UNet only (paper section 5)
+    guidance = replace(guidance, use_controlnet=False)  # 2D: LoRA on the UNet only (paper section 5)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     size = config.resolution or prior.resolution
