@@ -99,3 +99,28 @@ def test_judge_ranks_the_true_caption_first():
     data = make_dataset(72, seed=4242)
     probs = classify(model, tok, data["rgb"], data["captions"])
     assert (probs.argmax(-1) == data["caption_index"]).float().mean() > 0.7
+
+
+def test_psnr_against_hand_values():
+    from piva.metrics import psnr
+
+    a = torch.zeros(1, 3, 4, 4)
+    b = torch.full((1, 3, 4, 4), 0.1)
+    assert abs(psnr(a, b) - 20.0) < 1e-4  # mse 0.01
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., :2, :] = 1
+    b[..., 2:, :] = 0.5  # errors outside the mask do not count
+    assert abs(psnr(a, b, mask) - 20.0) < 1e-4
+
+
+@needs_weights
+@pytest.mark.slow
+def test_demo_end_to_end_quick(tmp_path):
+    from piva.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2", "--source-steps", "20"]) == 0
+    result = json.loads((tmp_path / "result_piva.json").read_text())
+    assert {"judge_success_rate", "target_colour_fraction", "psnr_vs_original", "background_psnr_vs_original"} <= set(
+        result["metrics"]
+    )
+    assert (tmp_path / "turntable_piva.gif").stat().st_size > 0 and (tmp_path / "before_after_piva.png").is_file()

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 
+from piva.metrics import psnr, ssim
 from piva.toyworld import nerf
 from piva.toyworld.judge import classify, create_judge, iou, object_hue_fraction, silhouette
 from piva.toyworld.quality import CONTROLNET_DIR, PRIOR_DIR
@@ -45,20 +45,8 @@ def render_views(pipeline, cams: list[Camera]) -> dict[str, torch.Tensor]:
     return {"rgb": torch.stack(rgbs), "depth": torch.stack(depths)}
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor] = None) -> float:
-    err = (a - b) ** 2
-    if mask is not None:
-        m = mask.expand_as(err)
-        mse = (err * m).sum() / m.sum().clamp_min(1)
-    else:
-        mse = err.mean()
-    return float(10 * torch.log10(1 / mse.clamp_min(1e-10)))
-
-
 def score(edited: torch.Tensor, original: torch.Tensor, source: Scene, target: Scene, cams: list[Camera]) -> dict:
     """Judge's success and the exact preservation figures, on the same cameras."""
-    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-
     judge, _, tok = create_judge()
     captions = [s.caption for s in all_scenes()]
     probs = classify(judge, tok, edited, captions)
@@ -78,7 +66,7 @@ def score(edited: torch.Tensor, original: torch.Tensor, source: Scene, target: S
         "target_colour_fraction": float(object_hue_fraction(edited, obj_t, target.color).mean()),
         "silhouette_iou_vs_target_geometry": float(iou(silhouette(edited), alpha_t).mean()),
         "psnr_vs_original": psnr(edited, original),
-        "ssim_vs_original": float(ssim(edited, original, data_range=1.0)),
+        "ssim_vs_original": ssim(edited, original),
         "background_psnr_vs_original": psnr(edited, original, untouched),
     }
 

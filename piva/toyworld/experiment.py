@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from piva.guidance import GuidanceConfig
 from piva.image.edit import ImageEditConfig, edit_image, load_image
+from piva.metrics import psnr, ssim
 from piva.toyworld.data import random_camera
 from piva.toyworld.judge import classify, create_judge, normalize, object_hue_fraction
 from piva.toyworld.quality import load_toy_prior
@@ -31,17 +32,7 @@ EDITS = {
 }
 
 
-def _psnr(a, b, mask=None):
-    err = (a - b) ** 2
-    if mask is not None:
-        m = mask.expand_as(err)
-        return float(10 * torch.log10(1 / ((err * m).sum() / m.sum().clamp_min(1)).clamp_min(1e-10)))
-    return float(10 * torch.log10(1 / err.mean().clamp_min(1e-10)))
-
-
 def evaluate(edited: torch.Tensor, source_img: torch.Tensor, source: Scene, target: Scene, cam, judge, tok) -> dict:
-    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
-
     captions = [s.caption for s in all_scenes()]
     probs = classify(judge, tok, edited, captions)[0]
     ti, si = captions.index(target.caption), captions.index(source.caption)
@@ -56,10 +47,10 @@ def evaluate(edited: torch.Tensor, source_img: torch.Tensor, source: Scene, targ
         "p_target": float(probs[ti]),
         "p_source": float(probs[si]),
         "target_colour": float(object_hue_fraction(edited, obj_t, target.color)[0]),
-        "psnr": _psnr(edited, source_img),
-        "ssim": float(ssim(edited, source_img, data_range=1.0)),
+        "psnr": psnr(edited, source_img),
+        "ssim": ssim(edited, source_img),
         "judge_feature_distance": float(1 - (fe * fs).sum()),
-        "psnr_outside_edit": _psnr(edited, source_img, 1 - touch),
+        "psnr_outside_edit": psnr(edited, source_img, 1 - touch),
     }
 
 

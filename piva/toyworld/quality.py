@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from piva.guidance.adapters import depth_to_control
 from piva.prior import DiffusionPrior
 from piva.toyworld.judge import WEIGHTS, classify, create_judge, dominant_color, iou, silhouette
-from piva.toyworld.scenes import COLORS, SHAPES, Scene, all_scenes
+from piva.toyworld.scenes import COLORS, SHAPES, Scene
 
 PRIOR_DIR = WEIGHTS / "prior"
 CONTROLNET_DIR = WEIGHTS / "controlnet"

@@ -156,10 +156,10 @@ def train_controlnet(data, lat_mean, lat_std, emb, scaling, scheduler, unet, cfg
 
 def train_toy_world(out_dir: Path, cfg: ToyTrainConfig = ToyTrainConfig(), progress: bool = True) -> dict:
     """Train everything and write `<out>/prior`, `<out>/controlnet`, `<out>/judge` and `<out>/training.json`."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel  # noqa: F401
+    from diffusers import DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from piva.toyworld.judge import JUDGE_NAME, register_judge_config, train_judge
+    from piva.toyworld.judge import register_judge_config, train_judge
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
