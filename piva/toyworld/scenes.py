@@ -18,6 +18,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from piva.metrics.cameras import orbit_c2w as look_at  # one camera convention for the whole project
+
 COLORS = {
     "red": (0.85, 0.12, 0.10),
     "green": (0.15, 0.70, 0.20),
@@ -81,18 +83,6 @@ class Camera:
     @property
     def focal(self) -> float:
         return 0.5 * self.height / math.tan(math.radians(self.fov_y) / 2)
-
-
-def look_at(azimuth_deg: float, elevation_deg: float, distance: float) -> np.ndarray:
-    az, el = math.radians(azimuth_deg), math.radians(elevation_deg)
-    eye = distance * np.array([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
-    forward = -eye / np.linalg.norm(eye)
-    right = np.cross(forward, [0.0, 0.0, 1.0])
-    right /= np.linalg.norm(right)
-    up = np.cross(right, forward)
-    c2w = np.eye(4)
-    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, up, -forward, eye
-    return c2w
 
 
 def hemisphere_cameras(
