@@ -129,9 +129,10 @@ class PivaPipeline(VanillaPipeline):
         cam.rescale_output_resolution(self.config.render_short_side / short)
         return cam, index
 
-    def _render(self, camera, grad_rgb: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def _render(self, camera, grad_rgb: Optional[torch.Tensor] = None, seed: int = 0) -> Dict[str, torch.Tensor]:
         """Whole-view render in chunks. With `grad_rgb` [H,W,3], each chunk is re-rendered with
-        grad and backpropagated at once, so memory stays at one chunk."""
+        grad and backpropagated at once, so memory stays at one chunk. Each chunk's sampling
+        jitter is seeded, so the grad pass re-renders exactly the image that was scored."""
         cam, index = camera
         bundle = cam.generate_rays(camera_indices=0, keep_shape=True)
         # The view's own appearance embedding, not camera 0's.
@@ -140,17 +141,20 @@ class PivaPipeline(VanillaPipeline):
         flat = bundle.flatten()
         rgb, depth, acc = [], [], []
         step = self.config.rays_per_chunk
+        devices = [torch.device(self.device)] if torch.device(self.device).type == "cuda" else []
         for i in range(0, len(flat), step):
             chunk = flat[i : i + step]
-            if grad_rgb is None:
-                with torch.no_grad():
-                    out = self.model(chunk)  # forward: applies the collider (near/far) first
-                rgb.append(out["rgb"])
-                depth.append(out["depth"])
-                acc.append(out["accumulation"])
-            else:
-                out = self.model(chunk)  # forward: applies the collider (near/far) first
-                out["rgb"].backward(grad_rgb.reshape(-1, 3)[i : i + step])
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed * 7919 + i)
+                if grad_rgb is None:
+                    with torch.no_grad():
+                        out = self.model(chunk)  # forward: applies the collider (near/far) first
+                    rgb.append(out["rgb"])
+                    depth.append(out["depth"])
+                    acc.append(out["accumulation"])
+                else:
+                    out = self.model(chunk)
+                    out["rgb"].backward(grad_rgb.reshape(-1, 3)[i : i + step])
         if grad_rgb is not None:
             return {}
         return {
@@ -229,7 +233,7 @@ class PivaPipeline(VanillaPipeline):
 
         index = int(torch.randint(0, len(self.original_rgb), (1,), generator=g))
         cam = self._camera(index)
-        current = self._render(cam)
+        current = self._render(cam, seed=step)
         x = current["rgb"].permute(2, 0, 1)[None].detach().requires_grad_(True)
         x_in = self._to_model_size(x).clamp(0, 1)
         depth = self._to_model_size(self._depth_for_control(current["depth"], current["accumulation"])[None, None], "nearest")
@@ -238,7 +242,7 @@ class PivaPipeline(VanillaPipeline):
 
         out = self.guidance.step(x_in, depth=depth, source_rgb=src_rgb, step=edit_step, generator=g)
         (grad_image,) = torch.autograd.grad(out.loss, x)
-        self._render(cam, grad_rgb=grad_image[0].permute(1, 2, 0).contiguous())
+        self._render(cam, grad_rgb=grad_image[0].permute(1, 2, 0).contiguous(), seed=step)
         adapter_losses = self.guidance.update_adapters(
             x_in.detach(), depth=depth, source_rgb=src_rgb, source_depth=src_depth, generator=g
         )
