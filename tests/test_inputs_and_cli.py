@@ -118,3 +118,14 @@ def test_cli_errors_are_one_line(tiny_dir, tmp_path):
     cmd[cmd.index("--model") + 1] = str(tmp_path / "missing-model")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "does not exist" in res.stderr and res.stderr.strip().count("\n") == 0
+
+
+def test_renders_are_resized_to_a_size_the_model_accepts(prior_2d):
+    sd = ScoreDistillation(prior_2d, GuidanceConfig(mode="sds", target_prompt="a blue cube"))
+    x = torch.rand(1, 3, 30, 35, requires_grad=True)
+    y = sd.fit_to_model(x)
+    assert y.shape[-2:] == (32, 36)  # multiples of 4 for the tiny model (VAE x2, UNet x2)
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    same = torch.rand(1, 3, 32, 32)
+    assert sd.fit_to_model(same) is same

@@ -217,6 +217,25 @@ class DualAdapters:
         return {"source_adapter_loss": loss_source.item(), "target_adapter_loss": loss_target.item()}
 
     # -- persistence ------------------------------------------------------------
+    def state(self) -> dict:
+        """Both adapters' weights and their optimizer state (CPU), for a framework's checkpoint."""
+        return {
+            "weights": {n: [p.detach().cpu().clone() for p in self.parameters[n]] for n in (SOURCE, TARGET)},
+            "optimizer": self.optimizer.state_dict(),
+            "rank": self.rank,
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Restore what `state()` returned; refuses adapters of another model or rank."""
+        for name in (SOURCE, TARGET):
+            params, tensors = self.parameters[name], state["weights"][name]
+            if len(params) != len(tensors) or any(p.shape != t.shape for p, t in zip(params, tensors)):
+                raise ValueError("the checkpoint's adapters do not fit this diffusion model / adapter rank")
+            with torch.no_grad():
+                for p, t in zip(params, tensors):
+                    p.copy_(t)
+        self.optimizer.load_state_dict(state["optimizer"])
+
     def state_dicts(self, name: str) -> dict[str, dict[str, torch.Tensor]]:
         """The adapter's weights per model, in diffusers' LoRA key format."""
         from diffusers.utils import convert_state_dict_to_diffusers

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from piva.guidance.adapters import BASE, SOURCE, TARGET, DualAdapters, depth_to_control
 from piva.guidance.schedule import AnnealedTimesteps, sds_weight
@@ -110,6 +111,15 @@ class ScoreDistillation:
         if not torch.isfinite(z).all():
             raise ValueError(f"{what} contain NaN or inf: the optimisation diverged (lower the learning rate)")
         return z
+
+    def fit_to_model(self, x: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """Resize [B,C,H,W] (differentiably) to the nearest size this model accepts; identity if it fits."""
+        m = self.prior.vae_scale_factor * self.prior.latent_multiple
+        h, w = x.shape[-2:]
+        size = (max(m, round(h / m) * m), max(m, round(w / m) * m))
+        if (h, w) == size:
+            return x
+        return F.interpolate(x, size=size, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
 
     def latents_of(
         self, rgb: Optional[torch.Tensor], latents: Optional[torch.Tensor], what: str, generator=None

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Type
 
 import torch
-import torch.nn.functional as F
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
@@ -163,15 +162,6 @@ class PivaPipeline(VanillaPipeline):
             "accumulation": torch.cat(acc).reshape(h, w),
         }
 
-    def _to_model_size(self, x: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-        """[B,C,H,W] -> the nearest size the diffusion model accepts (differentiable)."""
-        m = self.guidance.prior.vae_scale_factor * self.guidance.prior.latent_multiple
-        h, w = x.shape[-2:]
-        size = (max(m, round(h / m) * m), max(m, round(w / m) * m))
-        if (h, w) == size:
-            return x
-        return F.interpolate(x, size=size, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
-
     def _depth_for_control(self, depth: torch.Tensor, acc: Optional[torch.Tensor] = None) -> torch.Tensor:
         d = depth.float().clone()
         far = ~torch.isfinite(d) | (d > self.config.depth_far)
@@ -195,7 +185,8 @@ class PivaPipeline(VanillaPipeline):
         )
         self.guidance = ScoreDistillation(prior, self.guidance_config(self.config))
         if self._pending_adapters is not None:
-            self._load_adapter_state(self._pending_adapters)
+            if self.guidance.adapters is not None:
+                self.guidance.adapters.load_state(self._pending_adapters)
             self._pending_adapters = None
 
     @torch.no_grad()
@@ -235,10 +226,10 @@ class PivaPipeline(VanillaPipeline):
         cam = self._camera(index)
         current = self._render(cam, seed=step)
         x = current["rgb"].permute(2, 0, 1)[None].detach().requires_grad_(True)
-        x_in = self._to_model_size(x).clamp(0, 1)
-        depth = self._to_model_size(self._depth_for_control(current["depth"], current["accumulation"])[None, None], "nearest")
-        src_rgb = self._to_model_size(self.original_rgb[index].to(self.device).permute(2, 0, 1)[None].float() / 255)
-        src_depth = self._to_model_size(self.original_depth[index].to(self.device).float()[None, None], "nearest")
+        x_in = self.guidance.fit_to_model(x).clamp(0, 1)
+        depth = self.guidance.fit_to_model(self._depth_for_control(current["depth"], current["accumulation"])[None, None], "nearest")
+        src_rgb = self.guidance.fit_to_model(self.original_rgb[index].to(self.device).permute(2, 0, 1)[None].float() / 255)
+        src_depth = self.guidance.fit_to_model(self.original_depth[index].to(self.device).float()[None, None], "nearest")
 
         out = self.guidance.step(x_in, depth=depth, source_rgb=src_rgb, step=edit_step, generator=g)
         (grad_image,) = torch.autograd.grad(out.loss, x)
@@ -262,30 +253,10 @@ class PivaPipeline(VanillaPipeline):
         meta = {**self.fingerprint(), "edit_start_step": self.edit_start_step}
         state[STATE_PREFIX + "meta"] = meta
         if self.guidance is not None and self.guidance.adapters is not None:
-            state[STATE_PREFIX + "adapters"] = self._adapter_state()
+            state[STATE_PREFIX + "adapters"] = self.guidance.adapters.state()
         elif self._pending_adapters is not None:
             state[STATE_PREFIX + "adapters"] = self._pending_adapters
         return state
-
-    def _adapter_state(self) -> dict:
-        a = self.guidance.adapters
-        return {
-            "weights": {n: [p.detach().cpu() for p in a.parameters[n]] for n in a.parameters},
-            "optimizer": a.optimizer.state_dict(),
-        }
-
-    def _load_adapter_state(self, state: dict) -> None:
-        a = self.guidance.adapters
-        if a is None:
-            return
-        for name, tensors in state["weights"].items():
-            params = a.parameters[name]
-            if len(params) != len(tensors) or any(p.shape != t.shape for p, t in zip(params, tensors)):
-                raise ValueError("the checkpoint's adapters do not fit this diffusion model / adapter rank")
-            with torch.no_grad():
-                for p, t in zip(params, tensors):
-                    p.copy_(t)
-        a.optimizer.load_state_dict(state["optimizer"])
 
     def load_pipeline(self, loaded_state: Dict[str, Any], step: int) -> None:
         state = dict(loaded_state)
@@ -296,8 +267,8 @@ class PivaPipeline(VanillaPipeline):
         self.original_rgb = piva.get("original_rgb")
         self.original_depth = piva.get("original_depth")
         if "adapters" in piva:
-            if self.guidance is not None:
-                self._load_adapter_state(piva["adapters"])
+            if self.guidance is not None and self.guidance.adapters is not None:
+                self.guidance.adapters.load_state(piva["adapters"])
             else:
                 self._pending_adapters = piva["adapters"]
         try:

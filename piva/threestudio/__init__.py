@@ -1,0 +1,18 @@
+"""threestudio front end: edit Noe / synthetic objects with `launch.py` and YAML configs.
+
+Install into a threestudio checkout (links `custom/threestudio-piva/`, checks versions):
+
+    python -m piva.threestudio.install /path/to/threestudio
+
+then, from the checkout:
+
+    python launch.py --config custom/threestudio-piva/configs/piva-noe.yaml --train \\
+        system.geometry_convert_from=SOURCE_RUN/ckpts/last.ckpt \\
+        system.guidance.source_prompt="..." system.guidance.target_prompt="..."
+
+Modules: `core` (threestudio-free glue: layouts, depth, config, datasets),
+`install`, and the threestudio modules `guidance`, `system`, `data`, registered by
+importing `extension`. This package itself imports without threestudio, so the
+installer and the glue work anywhere; the registered modules fail with one line
+when threestudio is missing. See README.md in this folder.
+"""
