@@ -22,11 +22,20 @@ from piva.toyworld.scenes import Camera, Scene, all_scenes, look_at, render, wri
 
 
 def load_pipeline(run_dir: Path):
-    """A trained nerfstudio run (config.yml + checkpoint) -> its pipeline, in eval mode."""
-    from nerfstudio.utils.eval_utils import eval_setup
+    """A trained nerfstudio run (config.yml + latest checkpoint) -> its pipeline, in eval mode.
 
-    _, pipeline, _, step = eval_setup(run_dir / "config.yml", test_mode="inference")
-    return pipeline.eval(), step
+    Like nerfstudio's eval_setup, but the checkpoint is read with weights_only=False:
+    nerfstudio's own scheduler states hold numpy scalars, which torch>=2.6 refuses by default.
+    These are checkpoints this demo just wrote.
+    """
+    import yaml
+
+    config = yaml.load((run_dir / "config.yml").read_text(), Loader=yaml.Loader)
+    pipeline = config.pipeline.setup(device="cpu", test_mode="inference", world_size=1, local_rank=0)
+    ckpt = sorted((run_dir / "nerfstudio_models").glob("step-*.ckpt"))[-1]
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    pipeline.load_pipeline(state["pipeline"], state["step"])
+    return pipeline.eval(), state["step"]
 
 
 @torch.no_grad()

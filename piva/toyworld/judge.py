@@ -23,7 +23,7 @@ JUDGE_NAME = "piva-toy-judge"
 JUDGE_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 32, "layers": 4, "width": 96, "patch_size": 4},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
 }
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
