@@ -98,7 +98,7 @@ def edit_config(
     method: str = "piva",
     steps: int = 300,
     render_short_side: int = 32,
-    lr: float = 1e-2,
+    lr: float = 1e-3,
     identity_weight: float = 0.4,
     rays: int = 256,
 ):
