@@ -49,6 +49,8 @@ def validate(manifest: Union[dict, str, Path], full_benchmark: bool = False) -> 
         if e.get("source_prompt") == e.get("target_prompt"):
             problems.append(f"edit {e.get('id')!r}: target_prompt equals source_prompt")
         by_object.setdefault(o["id"], set()).add(e.get("type"))
+        if o.get("source") == "toyworld":
+            problems += _toy_caption_problems(e)
     for oid in objects:
         missing = [t for t in TYPES if t not in by_object.get(oid, set())]
         if missing:
@@ -63,6 +65,19 @@ def validate(manifest: Union[dict, str, Path], full_benchmark: bool = False) -> 
     if problems:
         raise ManifestError(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return manifest
+
+
+def _toy_caption_problems(edit: dict) -> list:
+    """Toy-world prompts must be captions the toy world can build and judge."""
+    from piva.toyworld.scenes import Scene
+
+    out = []
+    for key in ("source_prompt", "target_prompt"):
+        try:
+            Scene.from_caption(str(edit.get(key, "")))
+        except ValueError as exc:
+            out.append(f"edit {edit.get('id')!r} {key}: {exc}")
+    return out
 
 
 if __name__ == "__main__":

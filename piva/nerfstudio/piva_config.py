@@ -26,7 +26,8 @@ def piva_trainer_config(method_name: str = "piva", **pipeline_overrides) -> Piva
         datamanager=VanillaDataManagerConfig(dataparser=NerfstudioDataParserConfig(), train_num_rays_per_batch=4096),
         # Camera poses stay as reconstructed: the edit must not move the cameras.
         model=PivaNerfactoModelConfig(
-            eval_num_rays_per_chunk=1 << 15, average_init_density=0.01, camera_optimizer=CameraOptimizerConfig(mode="off")
+            eval_num_rays_per_chunk=1 << 15, average_init_density=0.01, camera_optimizer=CameraOptimizerConfig(mode="off"),
+            separate_mlp_group=True,
         ),
     )
     pipeline = dataclasses.replace(pipeline, **pipeline_overrides)
@@ -44,6 +45,8 @@ def piva_trainer_config(method_name: str = "piva", **pipeline_overrides) -> Piva
         optimizers={
             "proposal_networks": {"optimizer": AdamOptimizerConfig(lr=1e-3, eps=1e-15), "scheduler": None},
             "fields": {"optimizer": AdamOptimizerConfig(lr=1e-3, eps=1e-15), "scheduler": None},
+            # The field's MLPs (colour head above all): own group so they can be slowed (see PivaNerfactoModelConfig).
+            "field_mlps": {"optimizer": AdamOptimizerConfig(lr=1e-3, eps=1e-15), "scheduler": None},
         },
         viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
         vis="viewer",

@@ -56,6 +56,11 @@ def offline_safe_lpips():
 @dataclass
 class PivaNerfactoModelConfig(NerfactoModelConfig):
     _target: Type = field(default_factory=lambda: PivaNerfactoModel)
+    separate_mlp_group: bool = False
+    """Put the field's MLPs in their own optimizer group, `field_mlps` (the hash grids stay in `fields`).
+    The colour MLP is shared by every point of the scene: under Adam a small, consistent
+    push on it recolours the whole scene, background included, so an edit wants it slower
+    than the grids (measured in the toy world, docs/toyworld.md)."""
 
 
 class PivaNerfactoModel(NerfactoModel):
@@ -64,3 +69,16 @@ class PivaNerfactoModel(NerfactoModel):
     def populate_modules(self) -> None:
         with offline_safe_lpips():
             super().populate_modules()
+
+    def get_param_groups(self):
+        groups = super().get_param_groups()
+        if self.config.separate_mlp_group:
+            grid_ids = {id(p) for n, p in self.field.named_parameters() if _is_grid(n, p)}
+            groups["fields"] = [p for p in self.field.parameters() if id(p) in grid_ids]
+            groups["field_mlps"] = [p for p in self.field.parameters() if id(p) not in grid_ids]
+        return groups
+
+
+def _is_grid(name: str, param: torch.Tensor) -> bool:
+    """Hash-grid tables (torch implementation), or tcnn's fused grid+density network (cannot be split)."""
+    return "hash_table" in name or name.startswith("mlp_base.")  and "layers" not in name

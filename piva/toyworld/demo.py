@@ -15,43 +15,11 @@ import numpy as np
 import torch
 
 from piva.metrics import psnr, ssim
+from piva.nerfstudio.views import load_pipeline, render_views
 from piva.toyworld import nerf
 from piva.toyworld.judge import classify, create_judge, iou, object_hue_fraction, silhouette
 from piva.toyworld.quality import CONTROLNET_DIR, PRIOR_DIR
 from piva.toyworld.scenes import Camera, Scene, all_scenes, look_at, render, write_blender_dataset
-
-
-def load_pipeline(run_dir: Path):
-    """A trained nerfstudio run (config.yml + latest checkpoint) -> its pipeline, in eval mode.
-
-    Like nerfstudio's eval_setup, but the checkpoint is read with weights_only=False:
-    nerfstudio's own scheduler states hold numpy scalars, which torch>=2.6 refuses by default.
-    These are checkpoints this demo just wrote.
-    """
-    import yaml
-
-    config = yaml.load((run_dir / "config.yml").read_text(), Loader=yaml.Loader)
-    pipeline = config.pipeline.setup(device="cpu", test_mode="inference", world_size=1, local_rank=0)
-    ckpt = sorted((run_dir / "nerfstudio_models").glob("step-*.ckpt"))[-1]
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    pipeline.load_pipeline(state["pipeline"], state["step"])
-    return pipeline.eval(), state["step"]
-
-
-@torch.no_grad()
-def render_views(pipeline, cams: list[Camera]) -> dict[str, torch.Tensor]:
-    """Render exact-world cameras with a nerfstudio model: rgb [N,3,H,W], depth [N,1,H,W]."""
-    from nerfstudio.cameras.cameras import Cameras, CameraType
-
-    rgbs, depths = [], []
-    for cam in cams:
-        c2w = torch.from_numpy(cam.c2w[:3]).float()[None]
-        c = Cameras(camera_to_worlds=c2w, fx=cam.focal, fy=cam.focal, cx=cam.width / 2, cy=cam.height / 2,
-                    width=cam.width, height=cam.height, camera_type=CameraType.PERSPECTIVE).to(pipeline.device)
-        out = pipeline.model.get_outputs_for_camera(c)
-        rgbs.append(out["rgb"].clamp(0, 1).permute(2, 0, 1).cpu())
-        depths.append(out["depth"].permute(2, 0, 1).cpu())
-    return {"rgb": torch.stack(rgbs), "depth": torch.stack(depths)}
 
 
 def score(edited: torch.Tensor, original: torch.Tensor, source: Scene, target: Scene, cams: list[Camera]) -> dict:
@@ -116,22 +84,11 @@ def run_demo(
         nerf.run(nerf.source_scene_config(data, out_dir / "runs", steps=source_steps))
     timings["source_scene_s"] = round(time.perf_counter() - t0, 1)
 
-    edit_name = "piva" if method == "piva" else "piva-dds"
-    edit_run = out_dir / "runs" / f"edit-{method}" / edit_name / "run"
-    done = sorted((edit_run / "nerfstudio_models").glob("*.ckpt"))
-    remaining = edit_steps
-    if done:  # an interrupted edit resumes where it stopped
-        last = torch.load(done[-1], map_location="cpu", weights_only=False)
-        remaining = last["pipeline"]["piva.meta"]["edit_start_step"] + edit_steps - 1 - last["step"]
-    if remaining > 0:
-        print(f"[demo] 2/3 editing '{source}' -> '{target}' with {method} ({remaining} steps)")
-        cfg = nerf.edit_config(data, source_run / "nerfstudio_models", out_dir / "runs", source, target, PRIOR_DIR,
-                               CONTROLNET_DIR if method == "piva" else None, method=method, steps=edit_steps)
-        cfg.experiment_name = f"edit-{method}"
-        cfg.max_num_iterations = remaining
-        if done:
-            cfg.load_dir = edit_run / "nerfstudio_models"
-        nerf.run(cfg)
+    print(f"[demo] 2/3 editing '{source}' -> '{target}' with {method} ({edit_steps} steps; resumes if interrupted)")
+    cfg = nerf.edit_config(data, source_run / "nerfstudio_models", out_dir / "runs", source, target, PRIOR_DIR,
+                           CONTROLNET_DIR if method == "piva" else None, method=method, steps=edit_steps)
+    cfg.experiment_name = f"edit-{method}"
+    edit_run = nerf.edit_scene(cfg)
     timings["edit_s"] = round(time.perf_counter() - t0 - timings["source_scene_s"], 1)
 
     print("[demo] 3/3 rendering before/after and judging")

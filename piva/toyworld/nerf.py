@@ -28,6 +28,9 @@ SMALL_NERFACTO = dict(
     background_color="last_sample",
 )
 
+# Synthetic objects on a GPU: nerfacto defaults, with the object-centred near/far of a radius-2 object.
+FULL_NERFACTO = dict(average_init_density=0.01, near_plane=0.5, far_plane=8.0, background_color="white")
+
 
 def small_model_cli_args() -> list[str]:
     """The same settings as `ns-train` flags, for running the CLI on a toy scene."""
@@ -38,14 +41,23 @@ def small_model_cli_args() -> list[str]:
     return args + ["--pipeline.model.camera-optimizer.mode", "off"]
 
 
-def blender_parser(data: Path):
+def blender_parser(data: Path, white_background: bool = False):
+    """Toy datasets are RGB on grey (no alpha); RGBA datasets (Noe, NeRF-synthetic) go on white."""
     from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
 
-    return BlenderDataParserConfig(data=Path(data), alpha_color=None)
+    return BlenderDataParserConfig(data=Path(data), alpha_color="white" if white_background else None)
 
 
-def source_scene_config(data: Path, output_dir: Path, steps: int = 1500, rays: int = 1024):
-    """nerfacto, small, CPU: reconstructs a toy scene in a few minutes."""
+def source_scene_config(
+    data: Path,
+    output_dir: Path,
+    steps: int = 1500,
+    rays: int = 1024,
+    small: bool = True,
+    device: str = "cpu",
+    white_background: bool = False,
+):
+    """nerfacto on a Blender dataset; `small` is the CPU size that reconstructs a toy scene in minutes."""
     from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
     from nerfstudio.configs.base_config import MachineConfig
     from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
@@ -68,10 +80,12 @@ def source_scene_config(data: Path, output_dir: Path, steps: int = 1500, rays: i
         steps_per_eval_all_images=1_000_000,
         save_only_latest_checkpoint=True,
         mixed_precision=False,
-        machine=MachineConfig(device_type="cpu", num_devices=1),
+        machine=MachineConfig(device_type=device, num_devices=1),
         pipeline=VanillaPipelineConfig(
-            datamanager=VanillaDataManagerConfig(dataparser=blender_parser(data), train_num_rays_per_batch=rays),
-            model=PivaNerfactoModelConfig(**SMALL_NERFACTO, camera_optimizer=CameraOptimizerConfig(mode="off")),
+            datamanager=VanillaDataManagerConfig(dataparser=blender_parser(data, white_background),
+                                                 train_num_rays_per_batch=rays),
+            model=PivaNerfactoModelConfig(**(SMALL_NERFACTO if small else FULL_NERFACTO),
+                                          camera_optimizer=CameraOptimizerConfig(mode="off")),
         ),
         optimizers={
             "proposal_networks": {
@@ -99,10 +113,14 @@ def edit_config(
     steps: int = 300,
     render_short_side: int = 32,
     lr: float = 1e-3,
+    mlp_lr: Optional[float] = None,
     identity_weight: float = 0.4,
     rays: int = 256,
+    small: bool = True,
+    device: str = "cpu",
+    white_background: bool = False,
 ):
-    """The registered `piva` method config with toy-world settings (what `ns-train piva` builds from flags)."""
+    """The registered `piva` method config (what `ns-train piva` builds from flags), sized for toy or full scenes."""
     import dataclasses
 
     from nerfstudio.configs.base_config import MachineConfig
@@ -123,10 +141,12 @@ def edit_config(
         depth_far=5.5,
     )
     cfg.pipeline.datamanager = dataclasses.replace(
-        cfg.pipeline.datamanager, dataparser=blender_parser(data), train_num_rays_per_batch=rays
+        cfg.pipeline.datamanager, dataparser=blender_parser(data, white_background), train_num_rays_per_batch=rays
     )
-    cfg.pipeline.model = dataclasses.replace(cfg.pipeline.model, **SMALL_NERFACTO)
+    cfg.pipeline.model = dataclasses.replace(cfg.pipeline.model, **(SMALL_NERFACTO if small else FULL_NERFACTO))
     cfg.optimizers = {k: {"optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15), "scheduler": None} for k in cfg.optimizers}
+    if mlp_lr is not None:
+        cfg.optimizers["field_mlps"]["optimizer"].lr = mlp_lr
     cfg.output_dir = Path(output_dir)
     cfg.experiment_name = "edit"
     cfg.timestamp = "run"
@@ -134,9 +154,32 @@ def edit_config(
     cfg.max_num_iterations = steps
     cfg.steps_per_save = max(1, steps // 4)
     cfg.steps_per_eval_batch = cfg.steps_per_eval_image = cfg.steps_per_eval_all_images = 1_000_000
-    cfg.machine = MachineConfig(device_type="cpu", num_devices=1)
+    cfg.machine = MachineConfig(device_type=device, num_devices=1)
     cfg.vis = "tensorboard"
     return cfg
+
+
+def edit_scene(config) -> Path:
+    """Run an edit config to its last step; a killed edit resumes from its latest checkpoint.
+
+    `config.max_num_iterations` is the number of edit steps wanted in all. Returns the
+    run folder (config.yml + nerfstudio_models/).
+    """
+    import torch
+
+    run_dir = Path(config.get_base_dir())
+    done = sorted((run_dir / "nerfstudio_models").glob("step-*.ckpt"))
+    steps = config.max_num_iterations
+    remaining = steps
+    if done:
+        last = torch.load(done[-1], map_location="cpu", weights_only=False)
+        remaining = last["pipeline"]["piva.meta"]["edit_start_step"] + steps - 1 - last["step"]
+        config.load_dir = run_dir / "nerfstudio_models"
+    if remaining > 0:
+        config.max_num_iterations = remaining
+        run(config)
+        config.max_num_iterations = steps
+    return run_dir
 
 
 def run(config) -> Path:

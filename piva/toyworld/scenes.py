@@ -9,16 +9,16 @@ camera convention, as in nerfstudio/Blender `transforms.json`).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 import torch
 
-from piva.metrics.cameras import orbit_c2w as look_at  # one camera convention for the whole project
+from piva.data.views import Camera, camera_rays, hemisphere_cameras, look_at  # noqa: F401 (re-exported)
+from piva.data.views import write_blender_dataset as write_views
 
 COLORS = {
     "red": (0.85, 0.12, 0.10),
@@ -72,50 +72,7 @@ class Scene:
         return Scene(shape=words[2], color=words[1], parts=parts)
 
 
-# ---------------------------------------------------------------------------- cameras
-@dataclass
-class Camera:
-    c2w: np.ndarray  # 4x4, OpenGL convention (x right, y up, looking down -z)
-    fov_y: float  # degrees
-    width: int
-    height: int
-
-    @property
-    def focal(self) -> float:
-        return 0.5 * self.height / math.tan(math.radians(self.fov_y) / 2)
-
-
-def hemisphere_cameras(
-    n: int,
-    size: int = 32,
-    fov_y: float = 40.0,
-    distance: float = 3.6,
-    elevation: Sequence[float] = (10.0, 60.0),
-    seed: Optional[int] = 0,
-) -> list[Camera]:
-    """Random cameras on the upper hemisphere (seed=None: evenly spaced azimuths, mid elevation)."""
-    if seed is None:
-        return [
-            Camera(look_at(360.0 * i / n, float(np.mean(elevation)), distance), fov_y, size, size) for i in range(n)
-        ]
-    rng = np.random.default_rng(seed)
-    return [
-        Camera(look_at(rng.uniform(0, 360), rng.uniform(*elevation), distance), fov_y, size, size) for _ in range(n)
-    ]
-
-
 # ---------------------------------------------------------------------------- ray casting
-def _rays(cam: Camera, supersample: int) -> tuple[np.ndarray, np.ndarray]:
-    h, w = cam.height * supersample, cam.width * supersample
-    f = cam.focal * supersample
-    j, i = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
-    dirs = np.stack([(i - w / 2) / f, -(j - h / 2) / f, -np.ones_like(i)], -1)
-    dirs = dirs / np.linalg.norm(dirs, axis=-1, keepdims=True)
-    d = dirs @ cam.c2w[:3, :3].T
-    o = np.broadcast_to(cam.c2w[:3, 3], d.shape)
-    return o.reshape(-1, 3), d.reshape(-1, 3)
-
-
 def _box(o, d, center, half, yaw):
     c, s = math.cos(-yaw), math.sin(-yaw)
     rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
@@ -189,7 +146,7 @@ def _primitives(scene: Scene) -> list[tuple]:
 def render(scene: Scene, cam: Camera, supersample: int = 2) -> dict[str, np.ndarray]:
     """Exact render: rgb [H,W,3] on the grey background, alpha [H,W], depth [H,W] (z-depth, inf = background),
     and `object` [H,W], the coverage of the main object alone (what appearance edits should touch)."""
-    o, d = _rays(cam, supersample)
+    o, d = camera_rays(cam, supersample)
     best_t = np.full(len(o), np.inf)
     color = np.zeros((len(o), 3))
     normal = np.zeros((len(o), 3))
@@ -255,24 +212,8 @@ def write_blender_dataset(
     `blender-data --alpha-color None`, or nerfstudio would composite on white);
     alpha, object coverage and exact depth of each view go beside them for checks.
     """
-    import imageio.v3 as iio
-
-    out = Path(out_dir)
-    for split, n, s in (("train", n_train, seed), ("val", n_val, seed + 1), ("test", n_val, seed + 2)):
-        (out / split).mkdir(parents=True, exist_ok=True)
-        cams = hemisphere_cameras(n, size=size, fov_y=fov_y, distance=distance, seed=s)
-        frames = []
-        for i, cam in enumerate(cams):
-            r = render(scene, cam)
-            iio.imwrite(out / split / f"r_{i}.png", (r["rgb"] * 255).round().astype(np.uint8))
-            np.savez_compressed(out / split / f"r_{i}_exact.npz", depth=r["depth"], alpha=r["alpha"], object=r["object"])
-            frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": cam.c2w.tolist()})
-        fov_x = fov_y  # square images
-        meta = {"camera_angle_x": math.radians(fov_x), "frames": frames}
-        (out / f"transforms_{split}.json").write_text(json.dumps(meta, indent=2))
-    (out / "scene.json").write_text(
-        json.dumps({"caption": scene.caption, "shape": scene.shape, "color": scene.color, "parts": list(scene.parts),
-                    "yaw": scene.yaw, "background": BACKGROUND, "size": size, "fov_y": fov_y, "distance": distance},
-                   indent=2)
-    )
-    return out
+    splits = {split: hemisphere_cameras(n, size=size, fov_y=fov_y, distance=distance, seed=s)
+              for split, n, s in (("train", n_train, seed), ("val", n_val, seed + 1), ("test", n_val, seed + 2))}
+    meta = {"caption": scene.caption, "shape": scene.shape, "color": scene.color, "parts": list(scene.parts),
+            "yaw": scene.yaw, "background": BACKGROUND, "size": size, "fov_y": fov_y, "distance": distance}
+    return write_views(out_dir, splits, lambda cam: render(scene, cam), rgba=False, meta=meta)

@@ -1,0 +1,88 @@
+"""Rank editing methods on the Noe benchmark (or its toy-world stand-in).
+
+    python benchmark/run.py --toy                                  # CPU, toy world, minutes
+    python benchmark/run.py --methods piva,dds --types texturing    # the real Noe (GPU)
+    python benchmark/run.py --ray auto                              # one edit per GPU across a Ray cluster
+
+Finished edits are kept in OUT/results/<method>/<edit>.json; run the same command
+again after a stop and it carries on where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "noe"))
+
+
+def main(argv=None) -> int:
+    from validate import ManifestError, validate
+
+    from piva.noe.prepare import PrepareOptions
+    from piva.noe.runner import METHODS, RunOptions, run_benchmark, select_edits
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", type=Path, help="default: benchmark/noe/manifest.json (--toy: toy-manifest.json)")
+    p.add_argument("--toy", action="store_true", help="the toy-world manifest and preset (CPU, offline)")
+    p.add_argument("--out", type=Path, help="results folder (default: outputs/noe or outputs/noe-toy)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    p.add_argument("--objects", help="comma-separated object ids")
+    p.add_argument("--types", help="comma-separated: texturing,addition,translation")
+    p.add_argument("--limit", type=int, help="at most this many edits (after the filters)")
+    p.add_argument("--preset", choices=["full", "toy"], help="sizes and devices (default: toy with --toy, else full)")
+    p.add_argument("--edit-steps", type=int, help="override the preset's edit steps")
+    p.add_argument("--source-steps", type=int, help="override the preset's source-scene steps")
+    p.add_argument("--eval-views", type=int, default=120, help="evaluation orbit size (protocol: 120)")
+    p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model (ViT-B-32 or ViT-L-14)")
+    p.add_argument("--clip-weights", help="local CLIP weights file (default: the Hugging Face cache)")
+    p.add_argument("--nerf-synthetic-dir", type=Path, help="folder with the NeRF-synthetic scenes")
+    p.add_argument("--objaverse-dir", type=Path, help="folder with <uid>.glb files")
+    p.add_argument("--no-download", action="store_true", help="use local data only")
+    p.add_argument("--backend", choices=["nerfstudio", "threestudio"], default="nerfstudio")
+    p.add_argument("--threestudio", type=Path, help="threestudio checkout (with --backend threestudio)")
+    p.add_argument("--ray", metavar="ADDRESS", help="run edits as Ray tasks: 'auto', 'local' or a cluster address")
+    p.add_argument("--leaderboard-only", action="store_true", help="rebuild the pages from stored results")
+    a = p.parse_args(argv)
+
+    manifest_path = a.manifest or ROOT / "noe" / ("toy-manifest.json" if a.toy else "manifest.json")
+    try:
+        manifest = validate(manifest_path)
+    except (ManifestError, FileNotFoundError) as exc:
+        print(f"piva: error: {manifest_path}: {exc}", file=sys.stderr)
+        return 2
+    preset = a.preset or ("toy" if a.toy else "full")
+    out = a.out or Path("outputs") / ("noe-toy" if preset == "toy" else "noe")
+    if a.leaderboard_only:
+        from piva.noe.leaderboard import write_leaderboards
+
+        print(write_leaderboards(out, manifest.get("name", "noe")))
+        return 0
+    if a.backend == "threestudio":
+        from piva.threestudio.backend import check_backend
+
+        check_backend(a.threestudio)
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+    edits = select_edits(manifest, split(a.objects), split(a.types), a.limit)
+    if not edits:
+        print("piva: error: no edit matches --objects/--types", file=sys.stderr)
+        return 2
+    prep = PrepareOptions(root=out, preset=preset, nerf_synthetic_dir=a.nerf_synthetic_dir,
+                          objaverse_dir=a.objaverse_dir, download=not a.no_download, source_steps=a.source_steps)
+    opts = RunOptions(out=out, methods=split(a.methods), preset=preset, edit_steps=a.edit_steps,
+                      eval_views=a.eval_views, clip_model=a.clip_model, clip_weights=a.clip_weights, prepare=prep,
+                      backend=a.backend, threestudio_root=a.threestudio)
+    try:
+        summary = run_benchmark(manifest, edits, opts, ray_address=a.ray)
+    except ValueError as exc:
+        print(f"piva: error: {exc}", file=sys.stderr)
+        return 2
+    if summary["failed"]:
+        print(f"[noe] {len(summary['failed'])} edit(s) could not run (data missing); see above")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

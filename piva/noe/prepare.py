@@ -1,0 +1,191 @@
+"""Noe data preparation: get each object, render 100 views, write a Blender dataset, train the source scene.
+
+Offline it says what it cannot fetch and carries on with what is local. A local
+mesh (`source: local`, `path: mesh.glb`) or a local dataset folder can stand in for
+any download: `--objaverse-dir DIR` (DIR/<uid>.glb) and `--nerf-synthetic-dir DIR`
+(DIR/<scene>/transforms_train.json).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+PRESETS = {
+    # views, image size, source-scene steps, rays per batch; "toy" runs on a CPU in minutes
+    "full": dict(n_views=100, size=512, source_steps=30000, rays=4096, device="cuda"),
+    "toy": dict(n_views=40, size=64, source_steps=600, rays=1024, device="cpu"),
+}
+DISTANCE, FOV_Y, ELEVATION = 4.0, 50.0, (5.0, 85.0)
+
+
+class NotAvailable(RuntimeError):
+    """An object that cannot be fetched or found locally."""
+
+
+@dataclass
+class PrepareOptions:
+    root: Path
+    preset: str = "full"
+    nerf_synthetic_dir: Optional[Path] = None
+    objaverse_dir: Optional[Path] = None
+    download: bool = True
+    source_steps: Optional[int] = None
+
+    def setting(self, key: str):
+        if key == "source_steps" and self.source_steps is not None:
+            return self.source_steps
+        return PRESETS[self.preset][key]
+
+
+def object_dir(root: Path, obj: dict) -> Path:
+    return Path(root) / "objects" / obj["id"]
+
+
+def _online(host: str = "huggingface.co") -> bool:
+    from piva.prior.loading import _hub_reachable
+
+    return os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false") and _hub_reachable()
+
+
+def find_mesh(obj: dict, opts: PrepareOptions) -> Path:
+    """The object's mesh file: local path, --objaverse-dir, the objaverse cache, or a download."""
+    if obj["source"] == "local":
+        p = Path(obj["path"]).expanduser()
+        if not p.exists():
+            raise NotAvailable(f"local object path {p} does not exist")
+        return p
+    uid = obj["uid"]
+    candidates = []
+    if opts.objaverse_dir:
+        candidates.append(Path(opts.objaverse_dir) / f"{uid}.glb")
+    candidates += [Path(p) for p in glob.glob(os.path.expanduser(f"~/.objaverse/hf-objaverse-v1/glbs/*/{uid}.glb"))]
+    for c in candidates:
+        if c.is_file():
+            return c
+    if not opts.download:
+        raise NotAvailable(f"objaverse {uid}: not in --objaverse-dir or ~/.objaverse, and downloads are off")
+    try:
+        import objaverse
+    except ImportError:
+        raise NotAvailable(f"objaverse {uid}: not local, and the `objaverse` package is not installed (pip install objaverse)")
+    if not _online():
+        raise NotAvailable(f"objaverse {uid}: not local, and the Objaverse host cannot be reached (offline)")
+    got = objaverse.load_objects(uids=[uid], download_processes=1)
+    if uid not in got:
+        raise NotAvailable(f"objaverse {uid}: download failed")
+    return Path(got[uid])
+
+
+def find_nerf_synthetic(obj: dict, opts: PrepareOptions) -> Path:
+    """A NeRF-synthetic scene folder (its own 100 training views are used as they are)."""
+    scene = obj["scene"]
+    roots = [Path(opts.nerf_synthetic_dir)] if opts.nerf_synthetic_dir else []
+    roots.append(Path(opts.root) / "nerf-synthetic")
+    for r in roots:
+        for d in (r / scene, r / "blender" / scene):
+            if (d / "transforms_train.json").is_file():
+                return d
+    if not opts.download:
+        raise NotAvailable(f"nerf-synthetic '{scene}': not in --nerf-synthetic-dir and downloads are off")
+    if not _online("drive.google.com"):
+        raise NotAvailable(f"nerf-synthetic '{scene}': not local, and offline (pass --nerf-synthetic-dir DIR)")
+    save = Path(opts.root) / "nerf-synthetic"
+    done = subprocess.run(["ns-download-data", "blender", "--save-dir", str(save)], capture_output=True, text=True, timeout=3600)
+    for d in (save / "blender" / scene, save / scene):
+        if (d / "transforms_train.json").is_file():
+            return d
+    raise NotAvailable(f"nerf-synthetic '{scene}': ns-download-data failed: {done.stderr.strip().splitlines()[-1:] }")
+
+
+def hemisphere_views(n: int, size: int, seed: float = 0.0):
+    """n cameras on the upper hemisphere at the protocol's distance and fov, evenly spread (Fibonacci)."""
+    from piva.data.views import Camera, look_at
+
+    golden = np.degrees(np.pi * (3 - np.sqrt(5)))
+    lo, hi = np.sin(np.radians(ELEVATION[0])), np.sin(np.radians(ELEVATION[1]))
+    cams = []
+    for i in range(n):
+        el = np.degrees(np.arcsin(lo + (hi - lo) * (i + 0.5) / n))
+        az = (i * golden + seed) % 360
+        cams.append(Camera(look_at(az, el, DISTANCE), FOV_Y, size, size))
+    return cams
+
+
+def write_dataset(obj: dict, opts: PrepareOptions) -> Path:
+    """The object's Blender dataset (rendered here, or the NeRF-synthetic folder itself)."""
+    from piva.data.views import hemisphere_cameras, write_blender_dataset
+
+    out = object_dir(opts.root, obj) / "data"
+    if (out / "transforms_train.json").is_file():
+        return out
+    n, size = opts.setting("n_views"), opts.setting("size")
+    if obj["source"] == "nerf-synthetic":
+        return find_nerf_synthetic(obj, opts)
+    if obj["source"] == "toyworld":
+        from piva.toyworld.scenes import Scene, write_blender_dataset as write_toy
+
+        return write_toy(Scene.from_caption(obj["source_prompt"]), out, n_train=n, n_val=4, size=size, seed=0)
+    from piva.data.mesh import load_meshes, normalize_to_sphere, render_mesh
+
+    mesh_path = find_mesh(obj, opts)
+    meshes = normalize_to_sphere(load_meshes(mesh_path), radius=2.0)
+    splits = {"train": hemisphere_views(n, size), "val": hemisphere_cameras(4, size, FOV_Y, DISTANCE, seed=1),
+              "test": hemisphere_cameras(4, size, FOV_Y, DISTANCE, seed=2)}
+    tmp = out.with_name("data.partial")
+    write_blender_dataset(tmp, splits, lambda cam: render_mesh(meshes, cam), rgba=True, progress=True,
+                          meta={"object": obj["id"], "mesh": str(mesh_path), "radius": 2.0, "distance": DISTANCE,
+                                "fov_y": FOV_Y, "size": size})
+    tmp.rename(out)  # a half-written dataset is never taken for a finished one
+    return out
+
+
+def train_source(obj: dict, data: Path, opts: PrepareOptions) -> Path:
+    """Reconstruct the source scene with nerfacto; returns its `nerfstudio_models` folder (skips when done)."""
+    from piva.toyworld import nerf
+
+    runs = object_dir(opts.root, obj) / "runs"
+    ckpt_dir = runs / "source" / "nerfacto" / "run" / "nerfstudio_models"
+    if list(ckpt_dir.glob("step-*.ckpt")):
+        return ckpt_dir
+    white = obj["source"] != "toyworld"  # RGBA datasets are composited on white, like nerfstudio's blender default
+    cfg = nerf.source_scene_config(data, runs, steps=opts.setting("source_steps"), rays=opts.setting("rays"),
+                                   small=opts.preset == "toy", device=opts.setting("device"), white_background=white)
+    return nerf.run(cfg)
+
+
+def prepare_object(obj: dict, opts: PrepareOptions, train: bool = True) -> dict:
+    """Dataset + source scene of one object; the record is kept in objects/<id>/prepared.json."""
+    data = write_dataset(obj, opts)
+    record = {"object": obj["id"], "data": str(data), "preset": opts.preset}
+    if train:
+        record["source_checkpoints"] = str(train_source(obj, data, opts))
+    path = object_dir(opts.root, obj) / "prepared.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def prepare(manifest: dict, opts: PrepareOptions, object_ids: Optional[list] = None, train: bool = True) -> dict:
+    """Prepare every (selected) object; returns {id: record or {'unavailable': reason}} and carries on past misses."""
+    status = {}
+    for obj in manifest["objects"]:
+        if object_ids and obj["id"] not in object_ids:
+            continue
+        try:
+            status[obj["id"]] = prepare_object(obj, opts, train=train)
+        except NotAvailable as exc:
+            print(f"[noe] skipped {obj['id']}: {exc}")
+            status[obj["id"]] = {"unavailable": str(exc)}
+    return status
+
+
+def options_dict(opts: PrepareOptions) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()}

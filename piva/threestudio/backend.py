@@ -1,0 +1,101 @@
+"""threestudio as a backend of `benchmark/run.py` (issue: Noe with the paper's own set-up).
+
+Each step is threestudio's own `launch.py` in a subprocess, with the extension's
+configs: the source scene from the prepared views, then the edit, whose test stage
+renders the 120 Noe cameras of the edited AND the original field. The benchmark
+evaluates those PNGs with piva.metrics, like the nerfstudio backend's renders.
+Checked here only up to the command lines (threestudio needs CUDA and tiny-cuda-nn).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from piva.threestudio.install import EXTENSION_DIR, InstallError, check_checkout
+
+CONFIGS = {"source": "source-noe.yaml", "piva": "piva-noe.yaml", "dds": "dds-noe.yaml", "sds": "dds-noe.yaml"}
+
+
+def check_backend(root: Optional[Path]) -> Path:
+    """The threestudio checkout with the extension installed, or a one-line exit saying what to do."""
+    if root is None:
+        raise SystemExit("piva: error: --backend threestudio needs --threestudio PATH (your threestudio checkout)")
+    root = Path(root).expanduser().resolve()
+    try:
+        check_checkout(root)
+    except InstallError as exc:
+        raise SystemExit(f"piva: error: {exc}")
+    if not (root / "custom" / EXTENSION_DIR / "configs").is_dir():
+        raise SystemExit(f"piva: error: the piva extension is not in {root}/custom: run python -m piva.threestudio.install {root}")
+    return root
+
+
+def _launch(root: Path, config: str, overrides: dict, out: Path) -> list[str]:
+    args = [sys.executable, "launch.py", "--config", f"custom/{EXTENSION_DIR}/configs/{config}", "--train", "--gpu", "0"]
+    base = {"exp_root_dir": str(out), "use_timestamp": "false"}
+    return args + [f"{k}={v}" for k, v in {**base, **overrides}.items()]
+
+
+def source_command(root: Path, data: Path, out: Path, object_id: str) -> tuple[list[str], Path]:
+    """Command that fits the source scene; returns it and the trial folder it writes."""
+    trial = out / "piva-source-noe" / object_id
+    cmd = _launch(root, CONFIGS["source"], {"data.dataroot": str(data), "tag": object_id}, out)
+    last = trial / "ckpts" / "last.ckpt"
+    if last.is_file():
+        cmd.append(f"resume={last}")
+    return cmd, trial
+
+
+def edit_command(root: Path, method: str, source_ckpt: Path, edit: dict, out: Path, steps: Optional[int] = None):
+    """Command that edits (then renders the test cameras); returns it and the trial folder."""
+    name = "piva-noe" if method == "piva" else "dds-noe"
+    trial = out / name / f"{edit['id']}-{method}"
+    overrides = {
+        "system.geometry_convert_from": str(source_ckpt),
+        "system.guidance.source_prompt": _quote(edit["source_prompt"]),
+        "system.guidance.target_prompt": _quote(edit["target_prompt"]),
+        "tag": f"{edit['id']}-{method}",
+    }
+    if method == "sds":
+        overrides["system.guidance.mode"] = "sds"
+    if steps:
+        overrides["trainer.max_steps"] = str(steps)
+    cmd = _launch(root, CONFIGS[method], overrides, out)
+    last = trial / "ckpts" / "last.ckpt"
+    if last.is_file():
+        cmd.append(f"resume={last}")
+    return cmd, trial
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace('"', "'") + '"'  # OmegaConf dotlist: quoted so commas and colons survive
+
+
+def run(cmd: list[str], root: Path) -> None:
+    done = subprocess.run(cmd, cwd=root)
+    if done.returncode != 0:
+        raise RuntimeError(f"threestudio exited with {done.returncode}: {' '.join(cmd)}")
+
+
+def test_renders(trial: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The edited and original renders of the last test stage: [N,3,H,W] in [0,1], camera order."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    save = trial / "save"
+    tests = sorted(save.glob("it*-test"), key=lambda p: int(p.name[2:].split("-")[0]))
+    if not tests:
+        raise FileNotFoundError(f"no it*-test folder in {save}: the edit's test stage did not run")
+    edited_dir = tests[-1]
+    original_dir = edited_dir.with_name(edited_dir.name + "-original")
+
+    def load(folder: Path) -> torch.Tensor:
+        files = sorted(folder.glob("*.png"), key=lambda p: int(p.stem))
+        return torch.from_numpy(np.stack([iio.imread(f)[..., :3] for f in files])).permute(0, 3, 1, 2).float() / 255
+
+    return load(edited_dir), load(original_dir)

@@ -1,0 +1,241 @@
+"""The Noe evaluator, mesh preparation, leaderboards and the resumable runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from piva.metrics.evaluate import MetricUnavailable, evaluate_views, load_clip, load_lpips
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+# ---------------------------------------------------------------------------- preparation
+def test_mesh_renderer_matches_the_exact_toy_render():
+    """A trimesh cube rendered by the Noe renderer = the toy world's closed-form cube (independent code)."""
+    import trimesh
+
+    from piva.data.mesh import render_mesh
+    from piva.data.views import Camera, look_at
+    from piva.toyworld.scenes import BACKGROUND, COLORS, Scene, render
+
+    box = trimesh.creation.box(extents=[1, 1, 1])
+    box.apply_transform(trimesh.transformations.rotation_matrix(0.35, [0, 0, 1]))
+    rgba = [round(c * 255) for c in COLORS["red"]] + [255]
+    box.visual = trimesh.visual.ColorVisuals(box, face_colors=np.tile(rgba, (len(box.faces), 1)))
+    for az, el in ((30, 30), (200, 55)):
+        cam = Camera(look_at(az, el, 3.6), 40.0, 24, 24)
+        mesh, exact = render_mesh([box], cam, background=BACKGROUND), render(Scene.from_caption("a red cube"), cam)
+        np.testing.assert_allclose(mesh["alpha"], exact["alpha"], atol=1e-6)
+        assert np.abs(mesh["rgb"] - exact["rgb"]).max() < 0.01  # colours quantised to 8 bits
+        both = np.isfinite(exact["depth"])
+        np.testing.assert_allclose(mesh["depth"][both], exact["depth"][both], atol=1e-4)
+
+
+def test_objects_are_scaled_into_the_radius_2_sphere_and_written_as_blender_data(tmp_path):
+    import trimesh
+
+    from piva.data.mesh import load_meshes, normalize_to_sphere
+    from piva.noe.prepare import PrepareOptions, write_dataset
+
+    mesh_file = tmp_path / "thing.glb"
+    trimesh.creation.cylinder(radius=3.0, height=10.0).apply_translation([5, 1, 2]).export(mesh_file)
+    meshes = normalize_to_sphere(load_meshes(mesh_file))
+    r = np.linalg.norm(np.concatenate([m.vertices for m in meshes]), axis=1)
+    assert r.max() == pytest.approx(2.0)
+    obj = {"id": "thing", "source": "local", "path": str(mesh_file), "source_prompt": "a thing"}
+    opts = PrepareOptions(root=tmp_path / "noe", preset="toy")
+    opts_views = dict(n_views=6, size=16)
+    from piva.noe import prepare
+
+    old = prepare.PRESETS["toy"].copy()
+    prepare.PRESETS["toy"].update(opts_views)
+    try:
+        data = write_dataset(obj, opts)
+    finally:
+        prepare.PRESETS["toy"] = old
+    meta = json.loads((data / "transforms_train.json").read_text())
+    assert len(meta["frames"]) == 6
+    import imageio.v3 as iio
+
+    img = iio.imread(data / "train" / "r_0.png")
+    assert img.shape == (16, 16, 4) and img[..., 3].max() == 255 and img[..., 3].min() == 0
+    from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
+
+    parsed = BlenderDataParserConfig(data=data).setup().get_dataparser_outputs("train")
+    assert len(parsed.image_filenames) == 6
+
+
+def test_offline_preparation_says_what_it_cannot_fetch(tmp_path, monkeypatch):
+    from piva.noe.prepare import PrepareOptions, prepare
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    manifest = json.loads((ROOT / "benchmark" / "noe" / "manifest.json").read_text())
+    wanted = ["chair", next(o["id"] for o in manifest["objects"] if o["source"] == "objaverse")]
+    t0 = time.perf_counter()
+    status = prepare(manifest, PrepareOptions(root=tmp_path), object_ids=wanted, train=False)
+    assert time.perf_counter() - t0 < 30
+    assert set(status) == set(wanted)
+    for oid in wanted:
+        reason = status[oid]["unavailable"]
+        assert "offline" in reason or "not installed" in reason, reason
+
+
+# ---------------------------------------------------------------------------- evaluator
+def test_evaluator_against_hand_computed_values():
+    g = torch.Generator().manual_seed(0)
+    original = torch.rand(5, 3, 8, 8, generator=g)
+    edited = (original + 0.1 * torch.randn(5, 3, 8, 8, generator=g)).clamp(0, 1)
+    edited[-1] = 0  # the duplicated end view: must not count
+    unique = torch.tensor([True, True, True, True, False])
+    out = evaluate_views(edited, original, "a red cube", "a blue cube", unique)
+    mse = ((edited[:4] - original[:4]) ** 2).flatten(1).mean(1)
+    assert out["psnr"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), rel=1e-5)
+    assert out["views"] == 4
+
+    class Fixed:  # a fixed linear "CLIP" so the CLIP figures can be checked by hand
+        name, is_clip = "fixed linear map", True
+
+        @staticmethod
+        def encode_images(x):
+            return x.mean((2, 3))
+
+        @staticmethod
+        def encode_texts(captions):
+            return torch.tensor([[0.0, 0.0, 1.0] if "blue" in c else [1.0, 0.0, 0.0] for c in captions])
+
+    out = evaluate_views(edited, original, "a red cube", "a blue cube", unique, image_text=Fixed)
+    e = torch.nn.functional.normalize(edited[:4].mean((2, 3)), dim=-1)
+    assert out["clip_score"] == pytest.approx(float(e[:, 2].mean()), rel=1e-5)
+    assert out["models"] == {"clip": "fixed linear map"}
+
+
+def test_evaluator_refuses_nan_and_mismatched_renders():
+    x = torch.rand(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate_views(x.clone().fill_(float("nan")), x, "a", "b")
+    with pytest.raises(ValueError, match="alike"):
+        evaluate_views(x[:1], x, "a", "b")
+
+
+def test_missing_clip_and_lpips_weights_are_reported_not_faked(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    t0 = time.perf_counter()
+    with pytest.raises(MetricUnavailable, match="CLIP ViT-B-32"):
+        load_clip("ViT-B-32", "openai")
+    with pytest.raises(MetricUnavailable, match="does not exist"):
+        load_clip("ViT-B-32", "openai", weights=tmp_path / "nope.safetensors")
+    with pytest.raises(MetricUnavailable, match="AlexNet"):
+        load_lpips()
+    assert time.perf_counter() - t0 < 60  # an error, not a hang on the network
+
+
+# ---------------------------------------------------------------------------- leaderboards
+def _fake_result(out: Path, method: str, edit_id: str, kind: str, clip: float, lpips: float) -> None:
+    """A stored result as run_one writes it (values chosen by hand, to check the aggregation)."""
+    from piva.noe.runner import save_thumbnail
+
+    edit = {"id": edit_id, "object": "o", "source_prompt": "a red cube", "target_prompt": "a blue cube",
+            "instruction": "x", "type": kind}
+    rec = {"edit": edit, "method": method, "preset": "toy", "metrics": {"clip_score": clip, "lpips": lpips, "psnr": 20.0,
+           "models": {"clip": "test"}}, "wall_time_s": 1.0, "peak_memory": {"process_peak_rss_mb": 100.0},
+           "thumbnail": f"{edit_id}.png"}
+    d = out / "results" / method
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{edit_id}.json").write_text(json.dumps(rec))
+    save_thumbnail(d / f"{edit_id}.png", torch.rand(5, 3, 8, 8), torch.rand(5, 3, 8, 8))
+
+
+def test_leaderboard_means_per_method_and_type(tmp_path):
+    from piva.noe.leaderboard import write_leaderboards
+
+    _fake_result(tmp_path, "piva", "e1", "texturing", 0.30, 0.10)
+    _fake_result(tmp_path, "piva", "e2", "addition", 0.20, 0.20)
+    _fake_result(tmp_path, "dds", "e1", "texturing", 0.25, 0.40)
+    pages = write_leaderboards(tmp_path, "test")
+    md = Path(pages["markdown"]).read_text()
+    assert "| piva | 2 | 0.2500 |" in md  # mean CLIP of 0.30 and 0.20
+    assert "| dds | 1 | 0.2500 |" in md
+    assert "| piva | addition | 1 | 0.2000 |" in md
+    assert "reported" in md and "0.1133" in md
+
+
+@pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"), reason="chromium is not installed (CI installs it)")
+def test_leaderboard_page_loads_in_headless_chromium(tmp_path):
+    from piva.noe.leaderboard import write_leaderboards
+
+    assert CHROMIUM, "CI must install chromium (.ci/run)"
+    _fake_result(tmp_path, "piva", "e1", "texturing", 0.30, 0.10)
+    _fake_result(tmp_path, "dds", "e1", "texturing", 0.25, 0.40)
+    page = Path(write_leaderboards(tmp_path, "test")["html"])
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--allow-file-access-from-files"]
+    shot = tmp_path / "page.png"
+    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,900", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 5000
+    dom = subprocess.run(flags + ["--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                         check=True, capture_output=True, text=True, timeout=120).stdout
+    assert 'data-status="ok 3 images"' in dom, dom[-500:]  # 2 thumbnails + the plot, all loaded
+
+
+# ---------------------------------------------------------------------------- the runner, end to end
+def _run(out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(ROOT / "benchmark" / "run.py"), "--toy", "--out", str(out), "--limit", "1",
+           "--source-steps", "150", "--edit-steps", "8", "--eval-views", "9", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_toy_benchmark_end_to_end_resumes_after_a_kill(tmp_path):
+    out = tmp_path / "noe"
+    first = _run(out, "--methods", "no-edit,piva")
+    done_ref = out / "results" / "no-edit" / "toy-red-cube-texturing-0.json"
+    ckpts = out / "work" / "piva" / "toy-red-cube-texturing-0" / "piva" / "run" / "nerfstudio_models"
+    deadline = time.time() + 900
+    while time.time() < deadline and first.poll() is None and not list(ckpts.glob("step-*.ckpt")):
+        time.sleep(0.5)
+    assert first.poll() is None, first.stdout.read()
+    os.killpg(first.pid, signal.SIGKILL)  # killed mid-edit
+    first.wait()
+    assert done_ref.is_file(), "the finished no-edit result must already be stored"
+    kept = done_ref.read_bytes(), done_ref.stat().st_mtime_ns
+    source_ckpt = next((out / "objects" / "toy-red-cube" / "runs").rglob("step-*.ckpt"))
+    source_mtime = source_ckpt.stat().st_mtime_ns
+    assert not (out / "results" / "piva").exists() or not list((out / "results" / "piva").glob("*.json"))
+
+    second = _run(out, "--methods", "no-edit,piva")
+    log = second.communicate(timeout=900)[0]
+    assert second.returncode == 0, log
+    assert "1 of 2 edits already done" in log
+    assert (done_ref.read_bytes(), done_ref.stat().st_mtime_ns) == kept  # not redone
+    assert source_ckpt.stat().st_mtime_ns == source_mtime  # the source scene was not retrained
+    piva = json.loads((out / "results" / "piva" / "toy-red-cube-texturing-0.json").read_text())
+    steps = sorted(int(p.stem.split("-")[1]) for p in ckpts.glob("step-*.ckpt"))
+    state = torch.load(ckpts / f"step-{steps[-1]:09d}.ckpt", map_location="cpu", weights_only=False)
+    assert steps[-1] - state["pipeline"]["piva.meta"]["edit_start_step"] == 8 - 1  # 8 steps in all, none twice
+    m = piva["metrics"]
+    assert m["views"] == 8 and "judge_score" in m and "clip" in m["unavailable"]
+    assert piva["peak_memory"]["process_peak_rss_mb"] > 0
+    noedit = json.loads(done_ref.read_text())["metrics"]
+    assert noedit["psnr"] > 60 and noedit["ssim"] == pytest.approx(1.0)
+    md = (out / "leaderboard.md").read_text()
+    assert "| no-edit | 1 |" in md and "| piva | 1 |" in md
