@@ -239,3 +239,26 @@ def test_toy_benchmark_end_to_end_resumes_after_a_kill(tmp_path):
     assert noedit["psnr"] > 60 and noedit["ssim"] == pytest.approx(1.0)
     md = (out / "leaderboard.md").read_text()
     assert "| no-edit | 1 |" in md and "| piva | 1 |" in md
+
+
+# ---------------------------------------------------------------------------- threestudio backend
+def test_threestudio_backend_commands(tmp_path):
+    """What can be checked without threestudio: clear errors and the launch.py command lines."""
+    from piva.threestudio import backend
+
+    with pytest.raises(SystemExit, match="--threestudio PATH"):
+        backend.check_backend(None)
+    with pytest.raises(SystemExit, match="piva: error"):
+        backend.check_backend(tmp_path / "no-threestudio")
+    edit = {"id": "cake-translation-0", "source_prompt": "a round cake", "target_prompt": "a square cake, on a plate"}
+    cmd, trial = backend.edit_command(tmp_path, "sds", tmp_path / "src.ckpt", edit, tmp_path / "out", steps=100)
+    assert cmd[1:5] == ["launch.py", "--config", "custom/threestudio-piva/configs/dds-noe.yaml", "--train"]
+    assert "custom/threestudio-piva/configs/dds-noe.yaml" in cmd and "system.guidance.mode=sds" in cmd
+    assert 'system.guidance.target_prompt="a square cake, on a plate"' in cmd and "trainer.max_steps=100" in cmd
+    assert not any(c.startswith("resume=") for c in cmd)
+    (trial / "ckpts").mkdir(parents=True)
+    (trial / "ckpts" / "last.ckpt").write_bytes(b"")
+    cmd, _ = backend.edit_command(tmp_path, "sds", tmp_path / "src.ckpt", edit, tmp_path / "out", steps=100)
+    assert cmd[-1] == f"resume={trial / 'ckpts' / 'last.ckpt'}"  # a stopped edit resumes
+    cmd, _ = backend.edit_command(tmp_path, "piva", tmp_path / "src.ckpt", edit, tmp_path / "out")
+    assert "custom/threestudio-piva/configs/piva-noe.yaml" in cmd and not any("mode=" in c for c in cmd)

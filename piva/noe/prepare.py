@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -129,20 +130,23 @@ def write_dataset(obj: dict, opts: PrepareOptions) -> Path:
     n, size = opts.setting("n_views"), opts.setting("size")
     if obj["source"] == "nerf-synthetic":
         return find_nerf_synthetic(obj, opts)
+    tmp = out.with_name("data.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
     if obj["source"] == "toyworld":
         from piva.toyworld.scenes import Scene, write_blender_dataset as write_toy
 
-        return write_toy(Scene.from_caption(obj["source_prompt"]), out, n_train=n, n_val=4, size=size, seed=0)
-    from piva.data.mesh import load_meshes, normalize_to_sphere, render_mesh
+        write_toy(Scene.from_caption(obj["source_prompt"]), tmp, n_train=n, n_val=4, size=size, seed=0)
+    else:
+        from piva.data.mesh import load_meshes, normalize_to_sphere, render_mesh
 
-    mesh_path = find_mesh(obj, opts)
-    meshes = normalize_to_sphere(load_meshes(mesh_path), radius=2.0)
-    splits = {"train": hemisphere_views(n, size), "val": hemisphere_cameras(4, size, FOV_Y, DISTANCE, seed=1),
-              "test": hemisphere_cameras(4, size, FOV_Y, DISTANCE, seed=2)}
-    tmp = out.with_name("data.partial")
-    write_blender_dataset(tmp, splits, lambda cam: render_mesh(meshes, cam), rgba=True, progress=True,
-                          meta={"object": obj["id"], "mesh": str(mesh_path), "radius": 2.0, "distance": DISTANCE,
-                                "fov_y": FOV_Y, "size": size})
+        mesh_path = find_mesh(obj, opts)
+        meshes = normalize_to_sphere(load_meshes(mesh_path), radius=2.0)
+        splits = {"train": hemisphere_views(n, size), "val": hemisphere_cameras(4, size, FOV_Y, DISTANCE, seed=1),
+                  "test": hemisphere_cameras(4, size, FOV_Y, DISTANCE, seed=2)}
+        write_blender_dataset(tmp, splits, lambda cam: render_mesh(meshes, cam), rgba=True, progress=True,
+                              meta={"object": obj["id"], "mesh": str(mesh_path), "radius": 2.0, "distance": DISTANCE,
+                                    "fov_y": FOV_Y, "size": size})
     tmp.rename(out)  # a half-written dataset is never taken for a finished one
     return out
 

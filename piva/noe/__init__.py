@@ -1,0 +1,1 @@
+"""The Noe benchmark: data preparation, the resumable runner and its leaderboards."""
