@@ -197,7 +197,7 @@ def _threestudio_edit(edit: dict, obj: dict, method: str, opts: RunOptions, mode
     record = prepare_object(obj, opts.prepare, train=False)
     work = Path(opts.out) / "threestudio"
     cmd, trial = backend.source_command(root, Path(record["data"]), work, obj["id"])
-    if not (trial / "ckpts" / "last.ckpt").is_file() or "resume=" in " ".join(cmd):
+    if not list((trial / "save").glob("it*-test")):  # the test stage runs once training has finished
         backend.run(cmd, root)
     t0 = time.perf_counter()
     if method == "no-edit":
