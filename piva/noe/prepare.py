@@ -166,14 +166,21 @@ def train_source(obj: dict, data: Path, opts: PrepareOptions) -> Path:
 
 
 def prepare_object(obj: dict, opts: PrepareOptions, train: bool = True) -> dict:
-    """Dataset + source scene of one object; the record is kept in objects/<id>/prepared.json."""
-    data = write_dataset(obj, opts)
-    record = {"object": obj["id"], "data": str(data), "preset": opts.preset}
-    if train:
-        record["source_checkpoints"] = str(train_source(obj, data, opts))
-    path = object_dir(opts.root, obj) / "prepared.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2))
+    """Dataset + source scene of one object; the record is kept in objects/<id>/prepared.json.
+
+    A file lock makes parallel workers (Ray tasks, several runners) wait for one
+    another instead of preparing the same object twice.
+    """
+    from filelock import FileLock
+
+    folder = object_dir(opts.root, obj)
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".prepare.lock")):
+        data = write_dataset(obj, opts)
+        record = {"object": obj["id"], "data": str(data), "preset": opts.preset}
+        if train:
+            record["source_checkpoints"] = str(train_source(obj, data, opts))
+        (folder / "prepared.json").write_text(json.dumps(record, indent=2))
     return record
 
 

@@ -125,7 +125,7 @@ def original_renders(obj: dict, record: dict, opts: RunOptions) -> torch.Tensor:
         return torch.load(cache)
     pipeline, _ = load_pipeline(Path(record["source_checkpoints"]).parent, device=opts.setting("device"))
     rgb = render_views(pipeline, cams, progress=f"[noe] rendering original {obj['id']}")["rgb"]
-    tmp = cache.with_suffix(".tmp")
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
     torch.save(rgb, tmp)
     os.replace(tmp, cache)
     return rgb
