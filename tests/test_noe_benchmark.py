@@ -262,3 +262,27 @@ def test_threestudio_backend_commands(tmp_path):
     assert cmd[-1] == f"resume={trial / 'ckpts' / 'last.ckpt'}"  # a stopped edit resumes
     cmd, _ = backend.edit_command(tmp_path, "piva", tmp_path / "src.ckpt", edit, tmp_path / "out")
     assert "custom/threestudio-piva/configs/piva-noe.yaml" in cmd and not any("mode=" in c for c in cmd)
+
+
+def _prepare_in_child(root: str) -> None:
+    from piva.noe import prepare
+
+    prepare.PRESETS["toy"].update(n_views=12, size=16)
+    obj = {"id": "toy-red-cube", "source": "toyworld", "source_prompt": "a red cube"}
+    prepare.prepare_object(obj, prepare.PrepareOptions(root=Path(root), preset="toy"), train=False)
+
+
+def test_parallel_workers_prepare_an_object_once(tmp_path):
+    """Two processes (as Ray tasks would) preparing the same object: no clash, one finished dataset."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_prepare_in_child, args=(str(tmp_path),)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    data = tmp_path / "objects" / "toy-red-cube" / "data"
+    assert len(json.loads((data / "transforms_train.json").read_text())["frames"]) == 12
+    assert not (data.parent / "data.partial").exists()
