@@ -22,7 +22,10 @@ ap.add_argument("--lr", type=float, default=0.01)
 ap.add_argument("--identity-weight", type=float, default=0.4)
 ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
 ap.add_argument("--methods", nargs="+", default=["sds", "dds", "piva"])
+ap.add_argument("--same-latent", choices=["default", "on", "off"], default="default",
+                help="DDS source branch on the same noised latent (PiVa's default) or the source's own")
 args = ap.parse_args()
 result = run_experiment(args.out, methods=args.methods, seeds=args.seeds, steps=args.steps, lr=args.lr,
-                        identity_weight=args.identity_weight)
+                        identity_weight=args.identity_weight,
+                        same_latent={"default": None, "on": True, "off": False}[args.same_latent])
 print(markdown(result["summary"], result["settings"]))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +63,7 @@ def run_experiment(
     identity_weight: float = 0.4,
     edits: dict = EDITS,
     progress: bool = False,
+    same_latent: Optional[bool] = None,
 ) -> dict:
     out_dir = Path(out_dir)
     judge, _, tok = create_judge()
@@ -79,7 +80,8 @@ def run_experiment(
                 prior = load_toy_prior(controlnet=False)  # 2D: LoRA on the UNet only
                 run_dir = out_dir / kind / f"{method}-seed{seed}"
                 guidance = GuidanceConfig(mode=method, source_prompt=src_cap, target_prompt=tgt_cap,
-                                          identity_weight=identity_weight, use_controlnet=False)
+                                          identity_weight=identity_weight, use_controlnet=False,
+                                          same_latent=same_latent)
                 record = edit_image(img, prior, guidance, run_dir, ImageEditConfig(steps=steps, lr=lr, seed=seed),
                                     progress=progress)
                 edited = load_image(run_dir / "edited.png", img.shape[-1], 1)
@@ -88,7 +90,8 @@ def run_experiment(
                 rows.append(row)
                 print(json.dumps(row))
     table = summarize(rows)
-    result = {"settings": {"steps": steps, "lr": lr, "identity_weight": identity_weight, "seeds": list(seeds)},
+    result = {"settings": {"steps": steps, "lr": lr, "identity_weight": identity_weight, "seeds": list(seeds),
+                           "same_latent": same_latent},
               "rows": rows, "summary": table}
     (out_dir / "results.json").write_text(json.dumps(result, indent=2))
     (out_dir / "results.md").write_text(markdown(table, result["settings"]))
