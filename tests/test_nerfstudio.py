@@ -135,3 +135,27 @@ def test_two_pass_render_gradient_equals_one_full_graph(scene, tiny_dir):
     assert any(t.abs().sum() > 0 for t in one_graph)
     for a, b in zip(two_pass, one_graph):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_field_mlps_get_their_own_optimizer_group():
+    """separate_mlp_group: hash grids stay in `fields`, every field MLP weight goes to `field_mlps`, none lost."""
+    import torch
+    from nerfstudio.data.scene_box import SceneBox
+
+    from piva.nerfstudio.piva_model import PivaNerfactoModelConfig
+    from piva.toyworld.nerf import SMALL_NERFACTO
+
+    box = SceneBox(aabb=torch.tensor([[-1.5, -1.5, -1.5], [1.5, 1.5, 1.5]]))
+    for split in (False, True):
+        cfg = PivaNerfactoModelConfig(**SMALL_NERFACTO, separate_mlp_group=split)
+        model = cfg.setup(scene_box=box, num_train_data=4)
+        groups = model.get_param_groups()
+        field_params = dict(model.field.named_parameters())
+        grouped = [id(p) for k in ("fields", "field_mlps") for p in groups.get(k, [])]
+        assert sorted(grouped) == sorted(id(p) for p in field_params.values())  # each exactly once
+        if split:
+            names = {id(p): n for n, p in field_params.items()}
+            assert {names[id(p)] for p in groups["fields"]} == {"mlp_base.model.0.hash_table"}
+            assert any(names[id(p)].startswith("mlp_head.") for p in groups["field_mlps"])
+        else:
+            assert "field_mlps" not in groups

@@ -81,4 +81,4 @@ class PivaNerfactoModel(NerfactoModel):
 
 def _is_grid(name: str, param: torch.Tensor) -> bool:
     """Hash-grid tables (torch implementation), or tcnn's fused grid+density network (cannot be split)."""
-    return "hash_table" in name or name.startswith("mlp_base.")  and "layers" not in name
+    return "hash_table" in name or (name.startswith("mlp_base.") and "layers" not in name)

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -50,10 +50,11 @@ def object_dir(root: Path, obj: dict) -> Path:
     return Path(root) / "objects" / obj["id"]
 
 
-def _online(host: str = "huggingface.co") -> bool:
+def _online(host: Optional[str] = None) -> bool:
+    """HF_HUB_OFFLINE off and `host` (default: the Hugging Face endpoint, where Objaverse lives) answers."""
     from piva.prior.loading import _hub_reachable
 
-    return os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false") and _hub_reachable()
+    return os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false") and _hub_reachable(host=host)
 
 
 def find_mesh(obj: dict, opts: PrepareOptions) -> Path:
@@ -197,6 +198,3 @@ def prepare(manifest: dict, opts: PrepareOptions, object_ids: Optional[list] = N
             status[obj["id"]] = {"unavailable": str(exc)}
     return status
 
-
-def options_dict(opts: PrepareOptions) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(opts).items()}

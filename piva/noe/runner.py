@@ -193,15 +193,16 @@ def _threestudio_edit(edit: dict, obj: dict, method: str, opts: RunOptions, mode
     from piva.metrics.evaluate import evaluate_views
     from piva.threestudio import backend
 
+    if method == "no-edit":
+        raise NotAvailable("no-edit with the threestudio backend: read the '-original' renders of any edit")
     root = backend.check_backend(opts.threestudio_root)
     record = prepare_object(obj, opts.prepare, train=False)
     work = Path(opts.out) / "threestudio"
     cmd, trial = backend.source_command(root, Path(record["data"]), work, obj["id"])
     if not list((trial / "save").glob("it*-test")):  # the test stage runs once training has finished
         backend.run(cmd, root)
+    _reset_peak_memory(opts.setting("device"))
     t0 = time.perf_counter()
-    if method == "no-edit":
-        raise NotAvailable("no-edit with the threestudio backend: read the '-original' renders of any edit")
     cmd, edit_trial = backend.edit_command(root, method, trial / "ckpts" / "last.ckpt", edit, work, opts.edit_steps)
     backend.run(cmd, root)
     wall = time.perf_counter() - t0
@@ -218,7 +219,6 @@ def _threestudio_edit(edit: dict, obj: dict, method: str, opts: RunOptions, mode
 def run_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict) -> dict:
     """Prepare (if needed), edit, evaluate and store one (method, edit); returns the stored record."""
     device = opts.setting("device")
-    _reset_peak_memory(device)
     if opts.backend == "threestudio":
         metrics, edited, original, wall, edit_run = _threestudio_edit(edit, obj, method, opts, models)
         memory = _peak_memory_mb(device)  # this process only; threestudio's own peak is in its logs

@@ -26,11 +26,11 @@ class ModelNotFoundError(FileNotFoundError):
     """Raised at once (never after a hub retry loop) when weights are not available."""
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A bounded connectivity probe: DNS can hang too, so it runs in a thread."""
+def _hub_reachable(timeout: float = 3.0, host: Optional[str] = None) -> bool:
+    """A bounded connectivity probe (the Hugging Face endpoint unless `host`): DNS can hang too, so it runs in a thread."""
     from huggingface_hub import constants
 
-    host = constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0]
+    host = host or constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0]
     result: list[bool] = []
 
     def probe() -> None:
