@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the toy world's prior (VAE, UNet, depth ControlNet) and judge on CPU, fixed seed.
 
-    .venv/bin/python scripts/train_toy_prior.py            # full run, ~45 min on 2 cores
+    .venv/bin/python scripts/train_toy_prior.py            # full run, ~55 min on 2 cores
     .venv/bin/python scripts/train_toy_prior.py --quick    # smoke test, ~1 min, to a scratch folder
 
 Writes piva/toyworld/weights/{prior,controlnet,judge,training.json}; the folder is
