@@ -159,3 +159,27 @@ def test_field_mlps_get_their_own_optimizer_group():
             assert any(names[id(p)].startswith("mlp_head.") for p in groups["field_mlps"])
         else:
             assert "field_mlps" not in groups
+
+
+def test_backdrop_is_a_fixed_colour_the_field_cannot_change():
+    """Empty rays show exactly the backdrop, and a loss on them sends no gradient into the field."""
+    from nerfstudio.cameras.rays import RayBundle
+    from nerfstudio.data.scene_box import SceneBox
+
+    from piva.nerfstudio.piva_model import PivaNerfactoModelConfig
+
+    box = SceneBox(aabb=torch.tensor([[-1.5, -1.5, -1.5], [1.5, 1.5, 1.5]]))
+    settings = nerf.model_settings(small=True, white_background=False)
+    assert settings["backdrop_rgb"] == (0.92, 0.92, 0.92)
+    settings["average_init_density"] = 1e-6  # an empty scene: almost no density anywhere
+    model = PivaNerfactoModelConfig(**settings).setup(scene_box=box, num_train_data=4)
+    n = 16
+    rays = RayBundle(origins=torch.tensor([[0.0, 0.0, 3.6]]).repeat(n, 1), directions=torch.nn.functional.normalize(
+        torch.randn(n, 3) * 0.05 + torch.tensor([0.0, 0.0, -1.0]), dim=-1), pixel_area=torch.ones(n, 1),
+        camera_indices=torch.zeros(n, 1, dtype=torch.long), nears=torch.full((n, 1), 1.5), fars=torch.full((n, 1), 6.0))
+    out = model(rays)
+    assert out["accumulation"].max() < 1e-3
+    assert torch.allclose(out["rgb"], torch.full_like(out["rgb"], 0.92), atol=1e-3)
+    out["rgb"].sum().backward()
+    head = [p.grad for p in model.field.mlp_head.parameters() if p.grad is not None]
+    assert all(g.abs().max() < 1e-3 for g in head)

@@ -12,7 +12,7 @@ import contextlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Type
+from typing import Optional, Tuple, Type
 
 import torch
 from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
@@ -61,6 +61,11 @@ class PivaNerfactoModelConfig(NerfactoModelConfig):
     The colour MLP is shared by every point of the scene: under Adam a small, consistent
     push on it recolours the whole scene, background included, so an edit wants it slower
     than the grids (measured in the toy world, docs/toyworld.md)."""
+    backdrop_rgb: Optional[Tuple[float, float, float]] = None
+    """A fixed colour behind the scene, for objects captured on a known backdrop (the toy world's
+    grey, Noe's white); overrides `background_color`. With nerfacto's default `last_sample` the
+    background is the field's own colour at the far plane, so an edit can recolour it through the
+    shared colour MLP; a fixed backdrop cannot drift."""
 
 
 class PivaNerfactoModel(NerfactoModel):
@@ -69,6 +74,10 @@ class PivaNerfactoModel(NerfactoModel):
     def populate_modules(self) -> None:
         with offline_safe_lpips():
             super().populate_modules()
+        if self.config.backdrop_rgb is not None:
+            from nerfstudio.model_components.renderers import RGBRenderer
+
+            self.renderer_rgb = RGBRenderer(background_color=torch.tensor(self.config.backdrop_rgb, dtype=torch.float32))
 
     def get_param_groups(self):
         groups = super().get_param_groups()

@@ -40,6 +40,19 @@ class PivaTrainer(Trainer):
             _fail(f"{exc} (set --pipeline.source-prompt / --pipeline.target-prompt)")
         super().__init__(config, *args, **kwargs)
 
+    def setup(self, test_mode="val") -> None:
+        super().setup(test_mode=test_mode)
+        from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+
+        # nerfstudio runs max_num_iterations steps from the loaded step but shows progress and
+        # ETA against step 0, so an edit from a nerfacto run at step 30000 read "200 %, ETA 23 h".
+        self.callbacks.append(TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], self._progress_end))
+
+    def _progress_end(self, step: int) -> None:
+        from nerfstudio.utils.writer import GLOBAL_BUFFER
+
+        GLOBAL_BUFFER["max_iter"] = self._start_step + self.config.max_num_iterations
+
     def _load_checkpoint(self) -> None:
         """A nerfacto checkpoint starts an edit (its field only); a piva checkpoint resumes everything."""
         cfg = self.config

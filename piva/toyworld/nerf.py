@@ -25,17 +25,28 @@ SMALL_NERFACTO = dict(
     use_appearance_embedding=False,
     near_plane=1.5,
     far_plane=6.0,
-    background_color="last_sample",
 )
 
 # Synthetic objects on a GPU: nerfacto defaults, with the object-centred near/far of a radius-2 object.
 FULL_NERFACTO = dict(average_init_density=0.01, near_plane=0.5, far_plane=8.0, background_color="white")
 
 
+def backdrop(white_background: bool) -> tuple[float, float, float]:
+    """Object scenes sit on a fixed backdrop (toy world: grey; Noe and NeRF-synthetic: white), so
+    an edit cannot recolour the background through the shared colour MLP (docs/toyworld.md)."""
+    from piva.toyworld.scenes import BACKGROUND
+
+    return (1.0, 1.0, 1.0) if white_background else (BACKGROUND,) * 3
+
+
+def model_settings(small: bool, white_background: bool) -> dict:
+    return dict(SMALL_NERFACTO if small else FULL_NERFACTO, backdrop_rgb=backdrop(white_background))
+
+
 def small_model_cli_args() -> list[str]:
     """The same settings as `ns-train` flags, for running the CLI on a toy scene."""
     args = []
-    for k, v in SMALL_NERFACTO.items():
+    for k, v in model_settings(small=True, white_background=False).items():
         flag = "--pipeline.model." + k.replace("_", "-")
         args += [flag, *map(str, v)] if isinstance(v, tuple) else [flag, str(v)]
     return args + ["--pipeline.model.camera-optimizer.mode", "off"]
@@ -84,7 +95,7 @@ def source_scene_config(
         pipeline=VanillaPipelineConfig(
             datamanager=VanillaDataManagerConfig(dataparser=blender_parser(data, white_background),
                                                  train_num_rays_per_batch=rays),
-            model=PivaNerfactoModelConfig(**(SMALL_NERFACTO if small else FULL_NERFACTO),
+            model=PivaNerfactoModelConfig(**model_settings(small, white_background),
                                           camera_optimizer=CameraOptimizerConfig(mode="off")),
         ),
         optimizers={
@@ -143,7 +154,7 @@ def edit_config(
     cfg.pipeline.datamanager = dataclasses.replace(
         cfg.pipeline.datamanager, dataparser=blender_parser(data, white_background), train_num_rays_per_batch=rays
     )
-    cfg.pipeline.model = dataclasses.replace(cfg.pipeline.model, **(SMALL_NERFACTO if small else FULL_NERFACTO))
+    cfg.pipeline.model = dataclasses.replace(cfg.pipeline.model, **model_settings(small, white_background))
     cfg.optimizers = {k: {"optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15), "scheduler": None} for k in cfg.optimizers}
     if mlp_lr is not None:
         cfg.optimizers["field_mlps"]["optimizer"].lr = mlp_lr
