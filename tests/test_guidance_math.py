@@ -178,6 +178,33 @@ def test_gradient_reaches_pixels_through_the_encoder(prior_2d):
     torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=2e-5)
 
 
+def test_decoded_pixel_gradient_is_the_decoded_latent_step(prior_2d):
+    """pixel_gradient="decoded": d loss / d rgb = D(z) - D(z - g), g the hand-computed SDS latent gradient."""
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.rand(1, 3, 32, 32, generator=g)
+    noise = torch.randn(1, 4, 16, 16, generator=g)
+    sd = ScoreDistillation(prior_2d, GuidanceConfig(mode="sds", target_prompt=TGT, pixel_gradient="decoded"))
+    x = rgb.clone().requires_grad_(True)
+    sd.step(x, t=T, noise=noise, generator=torch.Generator().manual_seed(9)).loss.backward()
+
+    vae = prior_2d.vae
+    with torch.no_grad():
+        z = vae.encode(2 * rgb - 1).latent_dist.sample(torch.Generator().manual_seed(9)) * vae.config.scaling_factor
+        a = alphas_bar()[T]
+        z_t = a.sqrt() * z + (1 - a).sqrt() * noise
+        e_u, e_c = eps(prior_2d, z_t, embed(prior_2d, "", 1)), eps(prior_2d, z_t, embed(prior_2d, TGT, 1))
+        latent_grad = (1 - a) * (e_u + CFG * (e_c - e_u) - noise)
+
+        def decode(lat):
+            return (vae.decode(lat / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+
+        expected = decode(z) - decode(z - latent_grad)
+    assert expected.abs().max() > 1e-4
+    torch.testing.assert_close(x.grad, expected, rtol=1e-4, atol=2e-5)
+    with pytest.raises(ValueError, match="pixel_gradient"):
+        GuidanceConfig(mode="sds", target_prompt=TGT, pixel_gradient="jacobian").validate()
+
+
 def test_piva_with_zero_lambda_equals_dds(tiny_dir, latents):
     z, noise, _ = latents
     depth = torch.rand(2, 1, 32, 32) + 1

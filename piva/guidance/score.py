@@ -44,6 +44,10 @@ class GuidanceConfig:
     """Learning rate of the adapters' own AdamW optimizer."""
     use_controlnet: bool = True
     """Condition the adapters on depth through the ControlNet (3D); 2D editing uses the UNet alone."""
+    pixel_gradient: str = "encoder"
+    """How the latent gradient reaches an RGB input: "encoder" (the paper: through the VAE encoder's
+    Jacobian) or "decoded" (the latent step decoded by the VAE, D(z) - D(z - grad)). A small VAE's
+    encoder can bend the direction (toy world: red->blue became cyan, docs/toyworld.md)."""
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -56,6 +60,8 @@ class GuidanceConfig:
             raise ValueError("guidance scales must be >= 1")
         if self.adapter_rank < 1 or self.adapter_lr <= 0:
             raise ValueError("adapter_rank must be >= 1 and adapter_lr > 0")
+        if self.pixel_gradient not in ("encoder", "decoded"):
+            raise ValueError(f"pixel_gradient {self.pixel_gradient!r}: choose 'encoder' (paper) or 'decoded'")
 
     @property
     def uses_same_latent(self) -> bool:
@@ -231,7 +237,15 @@ class ScoreDistillation:
         w = sds_weight(prior.alphas_cumprod, torch.tensor(t, device=prior.device))
         grad = torch.nan_to_num(w * score)
         diagnostics["grad_norm"] = grad.norm().item()
-        loss = (grad.detach() * z.float()).sum() / b
+        if cfg.pixel_gradient == "decoded" and rgb is not None:
+            with torch.no_grad():
+                zd = z.detach()
+                push = prior.decode_latents(zd) - prior.decode_latents(zd - grad.to(zd))
+                if push.shape[-2:] != rgb.shape[-2:]:
+                    push = F.interpolate(push, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+            loss = (push.to(rgb) * rgb).sum() / b
+        else:
+            loss = (grad.detach() * z.float()).sum() / b
         return GuidanceOutput(loss=loss, grad=grad.detach(), t=t, diagnostics=diagnostics)
 
     # -- the adapters (eq. 7, 8) ------------------------------------------------

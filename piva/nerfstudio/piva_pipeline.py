@@ -72,6 +72,8 @@ class PivaPipelineConfig(VanillaPipelineConfig):
     """float32, float16 or bfloat16 (default: fp32 on CPU, bf16/fp16 on GPU)."""
     seed: int = 0
     """Seed of camera, timestep and noise sampling."""
+    pixel_gradient: Literal["encoder", "decoded"] = "encoder"
+    """How the latent gradient reaches the render: through the VAE encoder (paper) or as the decoded latent step."""
 
 
 class PivaPipeline(VanillaPipeline):
@@ -105,6 +107,7 @@ class PivaPipeline(VanillaPipeline):
             adapter_rank=config.adapter_rank,
             adapter_lr=config.adapter_lr,
             use_controlnet=True,
+            pixel_gradient=config.pixel_gradient,
         )
 
     def fingerprint(self) -> dict:
