@@ -44,7 +44,7 @@ class GuidanceConfig:
     """Learning rate of the adapters' own AdamW optimizer."""
     use_controlnet: bool = True
     """Condition the adapters on depth through the ControlNet (3D); 2D editing uses the UNet alone."""
-    pixel_gradient: str = "encoder"
+    pixel_gradient: Literal["encoder", "decoded"] = "encoder"
     """How the latent gradient reaches an RGB input: "encoder" (the paper: through the VAE encoder's
     Jacobian) or "decoded" (the latent step decoded by the VAE, D(z) - D(z - grad)). A small VAE's
     encoder can bend the direction (toy world: red->blue became cyan, docs/toyworld.md)."""
@@ -167,7 +167,9 @@ class ScoreDistillation:
         render) is needed only by DDS with the true source latent.
         """
         cfg, prior = self.config, self.prior
-        z = self.latents_of(rgb, latents, "edited", generator)
+        decoded = cfg.pixel_gradient == "decoded" and rgb is not None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not decoded):  # decoded: no encoder graph needed
+            z = self.latents_of(rgb, latents, "edited", generator)
         b = z.shape[0]
         t = self.schedule.sample(step, generator) if t is None else int(t)
         if noise is None:
@@ -237,10 +239,9 @@ class ScoreDistillation:
         w = sds_weight(prior.alphas_cumprod, torch.tensor(t, device=prior.device))
         grad = torch.nan_to_num(w * score)
         diagnostics["grad_norm"] = grad.norm().item()
-        if cfg.pixel_gradient == "decoded" and rgb is not None:
+        if decoded:
             with torch.no_grad():
-                zd = z.detach()
-                push = prior.decode_latents(zd) - prior.decode_latents(zd - grad.to(zd))
+                push = prior.decode_latents(z) - prior.decode_latents(z - grad.to(z))
                 if push.shape[-2:] != rgb.shape[-2:]:
                     push = F.interpolate(push, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
             loss = (push.to(rgb) * rgb).sum() / b

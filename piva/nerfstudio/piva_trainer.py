@@ -46,7 +46,8 @@ class PivaTrainer(Trainer):
 
         # nerfstudio runs max_num_iterations steps from the loaded step but shows progress and
         # ETA against step 0, so an edit from a nerfacto run at step 30000 read "200 %, ETA 23 h".
-        self.callbacks.append(TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], self._progress_end))
+        self.callbacks.append(TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], self._progress_end,
+                                              iters=(self._start_step,)))
 
     def _progress_end(self, step: int) -> None:
         from nerfstudio.utils.writer import GLOBAL_BUFFER
