@@ -183,3 +183,21 @@ def test_backdrop_is_a_fixed_colour_the_field_cannot_change():
     out["rgb"].sum().backward()
     head = [p.grad for p in model.field.mlp_head.parameters() if p.grad is not None]
     assert all(g.abs().max() < 1e-3 for g in head)
+
+
+def test_appearance_only_edit_keeps_the_density(scene, tiny_dir):
+    """--pipeline.model.edit-geometry False: every density weight (grid, density MLP, proposal networks) is
+    bit-identical to the nerfacto checkpoint after the edit, while the colour head has moved."""
+    out = scene["root"] / "appearance"
+    res = ns_train(scene, tiny_dir, "--pipeline.model.edit-geometry", "False", "--output-dir", str(out),
+                   load_dir=scene["nerfacto"], steps=3)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    before = torch.load(next(scene["nerfacto"].glob("*.ckpt")), map_location="cpu", weights_only=False)["pipeline"]
+    after = torch.load(next((out / "edit" / "piva" / "run" / "nerfstudio_models").glob("*.ckpt")),
+                       map_location="cpu", weights_only=False)["pipeline"]
+    density = [k for k in before if k.startswith(("_model.field.mlp_base.", "_model.proposal_networks."))]
+    colour = [k for k in before if k.startswith("_model.field.mlp_head.")]
+    assert density and colour
+    for k in density:
+        assert torch.equal(before[k], after[k]), k
+    assert any(not torch.equal(before[k], after[k]) for k in colour)

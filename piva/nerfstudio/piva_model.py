@@ -66,6 +66,11 @@ class PivaNerfactoModelConfig(NerfactoModelConfig):
     grey, Noe's white); overrides `background_color`. With nerfacto's default `last_sample` the
     background is the field's own colour at the far plane, so an edit can recolour it through the
     shared colour MLP; a fixed backdrop cannot drift."""
+    edit_geometry: bool = True
+    """False: the density (hash grid, density MLP, proposal networks) stays as captured and only
+    the colour head trains: for appearance edits (recolour, restyle). Score distillation also
+    descends by fading an object into its background, which no colour-only edit can do
+    (measured in the toy world, docs/toyworld.md)."""
 
 
 class PivaNerfactoModel(NerfactoModel):
@@ -79,8 +84,17 @@ class PivaNerfactoModel(NerfactoModel):
 
             self.renderer_rgb = RGBRenderer(background_color=torch.tensor(self.config.backdrop_rgb, dtype=torch.float32))
 
+    def colour_parameters(self) -> list:
+        """The colour head (and the appearance embedding): what an appearance-only edit trains."""
+        return [p for n, p in self.field.named_parameters() if n.startswith(("mlp_head.", "embedding_appearance."))]
+
     def get_param_groups(self):
         groups = super().get_param_groups()
+        if not self.config.edit_geometry:
+            colour = {id(p) for p in self.colour_parameters()}
+            for p in self.parameters():
+                p.requires_grad_(id(p) in colour)
+            return {"fields": self.colour_parameters()}
         if self.config.separate_mlp_group:
             grid_ids = {id(p) for n, p in self.field.named_parameters() if _is_grid(n, p)}
             groups["fields"] = [p for p in self.field.parameters() if id(p) in grid_ids]

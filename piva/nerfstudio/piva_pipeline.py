@@ -220,10 +220,14 @@ class PivaPipeline(VanillaPipeline):
 
         # The field's own ray batch keeps the proposal networks tracking the edited density
         # (interlevel/distortion losses); the photometric loss is dropped: it would undo the edit.
-        ray_bundle, batch = self.datamanager.next_train(step)
-        model_outputs = self.model(ray_bundle)
-        metrics_dict = self.model.get_metrics_dict(model_outputs, batch)
-        loss_dict = {k: v for k, v in self.model.get_loss_dict(model_outputs, batch, metrics_dict).items() if k != "rgb_loss"}
+        # With the geometry frozen there is no density to track.
+        model_outputs, metrics_dict, loss_dict = {}, {}, {}
+        if getattr(self.model.config, "edit_geometry", True):
+            ray_bundle, batch = self.datamanager.next_train(step)
+            model_outputs = self.model(ray_bundle)
+            metrics_dict = self.model.get_metrics_dict(model_outputs, batch)
+            losses = self.model.get_loss_dict(model_outputs, batch, metrics_dict)
+            loss_dict = {k: v for k, v in losses.items() if k != "rgb_loss"}
 
         index = int(torch.randint(0, len(self.original_rgb), (1,), generator=g))
         cam = self._camera(index)
