@@ -46,7 +46,8 @@ def _demo(args: argparse.Namespace) -> None:
     from piva.toyworld.demo import run_demo
 
     result = run_demo(Path(args.out), source=args.source, target=args.target, method=args.method,
-                      source_steps=args.source_steps, edit_steps=args.steps, seed=args.seed)
+                      source_steps=args.source_steps, edit_steps=args.steps, seed=args.seed, geometry=args.geometry,
+                      same_latent=args.same_latent)
     m = result["metrics"]
     print(
         f"{result['method']}: judge success {m['judge_success_rate']:.0%}, target colour {m['target_colour_fraction']:.0%}, "
@@ -97,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["piva", "dds"], default="piva")
     p.add_argument("--steps", type=int, default=300, help="edit steps")
     p.add_argument("--source-steps", type=int, default=600, help="nerfacto steps for the source scene")
+    p.add_argument("--geometry", choices=["auto", "keep", "edit"], default="auto",
+                   help="keep: only colours change; edit: the whole field; auto: keep for colour-only edits")
+    p.add_argument("--same-latent", action="store_true",
+                   help="the paper's shared noisy latent for DDS (in the toy world it overshoots the target colour)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +125,6 @@ def test_demo_end_to_end_quick(tmp_path):
         result["metrics"]
     )
     assert (tmp_path / "turntable_piva.gif").stat().st_size > 0 and (tmp_path / "before_after_piva.png").is_file()
+    assert result["edit_geometry"] is False  # red -> blue is a colour edit: the geometry is kept
+    edited = Path(result["outputs"]["edited_run"])
+    assert edited.is_relative_to(tmp_path / "scenes") and list((edited / "nerfstudio_models").glob("*.ckpt"))

@@ -7,7 +7,9 @@ turntable and lets the judge score success and preservation.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -56,6 +58,15 @@ def save_strip(path: Path, rows: list[torch.Tensor], scale: int = 4) -> None:
     iio.imwrite(path, np.kron(arr, np.ones((scale, scale, 1), np.uint8)))
 
 
+def _slug(caption: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", caption.lower()).strip("-")
+
+
+def _key(**settings) -> str:
+    """Short hash of what a cached step was built from, so a changed setting never reuses a stale result."""
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def run_demo(
     out_dir: Path,
     source: str = "a red cube",
@@ -65,29 +76,46 @@ def run_demo(
     edit_steps: int = 300,
     views: int = 40,
     seed: int = 0,
+    geometry: str = "auto",
+    same_latent: bool = False,
 ) -> dict:
+    """`geometry`: "keep" trains only the colour head, "edit" the whole field, "auto" keeps it when
+    source and target differ only in colour. `same_latent=False` (the true source latent, not the
+    paper's shared z_t): in the toy world the shared-latent step does not stop at the target colour
+    and carries the cube past blue to white (measured: docs/toyworld.md, 3D demo)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     src, tgt = Scene.from_caption(source), Scene.from_caption(target)
+    if geometry not in ("auto", "keep", "edit"):
+        raise ValueError(f"geometry must be auto, keep or edit, not {geometry!r}")
+    edit_geometry = (src.shape, src.parts) != (tgt.shape, tgt.parts) if geometry == "auto" else geometry == "edit"
     for d in (PRIOR_DIR, CONTROLNET_DIR):
         if not d.is_dir():
             raise FileNotFoundError(f"toy prior missing ({d}): run scripts/train_toy_prior.py")
     t0 = time.perf_counter()
     timings = {}
-    data = out_dir / "data"
+    # Each cached step lives in a folder named by its settings: another caption, seed or step
+    # count builds anew instead of reusing (or overwriting) an earlier result.
+    scene_settings = dict(source=source, views=views, seed=seed, source_steps=source_steps,
+                          model=nerf.model_settings(small=True, white_background=False))
+    scene_dir = out_dir / "scenes" / f"{_slug(source)}-{_key(**scene_settings)}"
+    data = scene_dir / "data"
     if not (data / "transforms_train.json").is_file():
         write_blender_dataset(src, data, n_train=views, n_val=4, size=64, seed=seed)
 
-    source_run = out_dir / "runs" / "source" / "nerfacto" / "run"
+    source_run = scene_dir / "source" / "nerfacto" / "run"
     if not list((source_run / "nerfstudio_models").glob("*.ckpt")):
         print(f"[demo] 1/3 reconstructing '{source}' with nerfacto ({source_steps} steps)")
-        nerf.run(nerf.source_scene_config(data, out_dir / "runs", steps=source_steps))
+        nerf.run(nerf.source_scene_config(data, scene_dir, steps=source_steps))
     timings["source_scene_s"] = round(time.perf_counter() - t0, 1)
 
-    print(f"[demo] 2/3 editing '{source}' -> '{target}' with {method} ({edit_steps} steps; resumes if interrupted)")
-    cfg = nerf.edit_config(data, source_run / "nerfstudio_models", out_dir / "runs", source, target, PRIOR_DIR,
-                           CONTROLNET_DIR if method == "piva" else None, method=method, steps=edit_steps)
-    cfg.experiment_name = f"edit-{method}"
+    what = "colour head only, geometry kept" if not edit_geometry else "whole field"
+    print(f"[demo] 2/3 editing '{source}' -> '{target}' with {method} ({edit_steps} steps, {what}; "
+          "resumes if interrupted)")
+    cfg = nerf.edit_config(data, source_run / "nerfstudio_models", scene_dir / "edits", source, target, PRIOR_DIR,
+                           CONTROLNET_DIR if method == "piva" else None, method=method, steps=edit_steps,
+                           same_latent=same_latent, edit_geometry=edit_geometry)
+    cfg.experiment_name = f"{_slug(target)}-{method}-{_key(steps=edit_steps, geometry=edit_geometry, same=same_latent)}"
     edit_run = nerf.edit_scene(cfg)
     timings["edit_s"] = round(time.perf_counter() - t0 - timings["source_scene_s"], 1)
 
@@ -108,7 +136,7 @@ def run_demo(
     iio.imwrite(out_dir / f"turntable_{method}.gif", frames, duration=80, loop=0)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
     result = {"source": source, "target": target, "method": method, "source_steps": source_steps,
-              "edit_steps": edit_steps, "metrics": metrics, "timings": timings,
+              "edit_steps": edit_steps, "edit_geometry": edit_geometry, "same_latent": same_latent, "metrics": metrics, "timings": timings,
               "judge": "toy-world judge (tiny open_clip trained on toy renders), not CLIP",
               "outputs": {"before_after": f"before_after_{method}.png", "turntable": f"turntable_{method}.gif",
                           "edited_run": str(edit_run)}}

@@ -130,6 +130,8 @@ def edit_config(
     small: bool = True,
     device: str = "cpu",
     white_background: bool = False,
+    same_latent: Optional[bool] = None,
+    edit_geometry: bool = True,
 ):
     """The registered `piva` method config (what `ns-train piva` builds from flags), sized for toy or full scenes."""
     import dataclasses
@@ -150,11 +152,13 @@ def edit_config(
         identity_weight=identity_weight,
         anneal_after=steps // 2,
         depth_far=5.5,
+        same_latent=same_latent,
     )
     cfg.pipeline.datamanager = dataclasses.replace(
         cfg.pipeline.datamanager, dataparser=blender_parser(data, white_background), train_num_rays_per_batch=rays
     )
-    cfg.pipeline.model = dataclasses.replace(cfg.pipeline.model, **model_settings(small, white_background))
+    cfg.pipeline.model = dataclasses.replace(cfg.pipeline.model, **model_settings(small, white_background),
+                                             edit_geometry=edit_geometry)
     cfg.optimizers = {k: {"optimizer": AdamOptimizerConfig(lr=lr, eps=1e-15), "scheduler": None} for k in cfg.optimizers}
     if mlp_lr is not None:
         cfg.optimizers["field_mlps"]["optimizer"].lr = mlp_lr
