@@ -201,3 +201,9 @@ def test_appearance_only_edit_keeps_the_density(scene, tiny_dir):
     for k in density:
         assert torch.equal(before[k], after[k]), k
     assert any(not torch.equal(before[k], after[k]) for k in colour)
+
+    # Resuming it with the whole field trainable would need optimizer groups it never had: one clear line.
+    res = ns_train(scene, tiny_dir, "--output-dir", str(out), load_dir=out / "edit" / "piva" / "run" / "nerfstudio_models",
+                   steps=1)
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1].startswith("piva: error: this piva checkpoint used edit_geometry=False")

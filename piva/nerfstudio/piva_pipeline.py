@@ -121,6 +121,8 @@ class PivaPipeline(VanillaPipeline):
             "controlnet_model": self.config.controlnet_model if self.config.method == "piva" else "",
             "method": self.config.method,
             "adapter_rank": self.config.adapter_rank,
+            # Which parameters train decides the optimizer groups a resume must find.
+            "edit_geometry": getattr(self.model.config, "edit_geometry", True),
         }
 
     # -- rendering --------------------------------------------------------------
@@ -292,7 +294,7 @@ class PivaPipeline(VanillaPipeline):
                 f"this piva checkpoint was made on another scene ({meta.get('num_cameras')} cameras, poses "
                 f"{str(meta.get('poses_sha1'))[:8]}) than --data ({mine['num_cameras']} cameras, {mine['poses_sha1'][:8]})"
             )
-        for key in ("diffusion_model", "controlnet_model", "method", "adapter_rank"):
+        for key in ("diffusion_model", "controlnet_model", "method", "adapter_rank", "edit_geometry"):
             if key in meta and meta[key] != mine[key]:
                 raise ValueError(
                     f"this piva checkpoint used {key}={meta[key]!r} but the config says {mine[key]!r}: "
