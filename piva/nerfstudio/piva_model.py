@@ -68,9 +68,9 @@ class PivaNerfactoModelConfig(NerfactoModelConfig):
     shared colour MLP; a fixed backdrop cannot drift."""
     edit_geometry: bool = True
     """False: the density (hash grid, density MLP, proposal networks) stays as captured and only
-    the colour head trains: for appearance edits (recolour, restyle). Score distillation also
-    descends by fading an object into its background, which no colour-only edit can do
-    (measured in the toy world, docs/toyworld.md)."""
+    the colour head trains, at the `fields` group's lr: for appearance edits (recolour, restyle).
+    Score distillation also descends by fading an object into its background, which no
+    colour-only edit can do (measured in the toy world, docs/toyworld.md)."""
 
 
 class PivaNerfactoModel(NerfactoModel):

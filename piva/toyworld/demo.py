@@ -136,7 +136,8 @@ def run_demo(
     iio.imwrite(out_dir / f"turntable_{method}.gif", frames, duration=80, loop=0)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
     result = {"source": source, "target": target, "method": method, "source_steps": source_steps,
-              "edit_steps": edit_steps, "edit_geometry": edit_geometry, "same_latent": same_latent, "metrics": metrics, "timings": timings,
+              "edit_steps": edit_steps, "edit_geometry": edit_geometry, "same_latent": same_latent,
+              "metrics": metrics, "timings": timings,
               "judge": "toy-world judge (tiny open_clip trained on toy renders), not CLIP",
               "outputs": {"before_after": f"before_after_{method}.png", "turntable": f"turntable_{method}.gif",
                           "edited_run": str(edit_run)}}
