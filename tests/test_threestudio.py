@@ -195,6 +195,23 @@ def test_guidance_config_rejects_what_piva_guidance_cannot_do():
     assert not core.needs_original(core.guidance_config({**base, "mode": "dds", "same_latent": True}))
 
 
+def test_yaml_section_has_every_guidance_field_with_its_default():
+    """threestudio's Config takes GuidanceConfig's fields with the same defaults, so a new option reaches YAML."""
+    settings = {f.name: f.default for f in fields(core.GuidanceSettings)}
+    for f in fields(GuidanceConfig):
+        assert f.name in settings and settings[f.name] == f.default, f.name
+    extra = set(settings) - {f.name for f in fields(GuidanceConfig)}
+    assert extra == {"pretrained_model_name_or_path", "controlnet_name_or_path", "dtype", "min_opacity",
+                     "view_dependent_prompting"}
+    base = {"source_prompt": SRC, "target_prompt": TGT}
+    assert core.guidance_config({**base, "pixel_gradient": "decoded"}).pixel_gradient == "decoded"
+    with pytest.raises(ValueError, match="pixel_gradient 'pixels'"):
+        core.guidance_config({**base, "pixel_gradient": "pixels"})
+    omegaconf = pytest.importorskip("omegaconf")  # threestudio builds its Config with OmegaConf.structured
+    node = omegaconf.OmegaConf.structured(core.GuidanceSettings(**base, pixel_gradient="decoded"))
+    assert node.pixel_gradient == "decoded" and tuple(node.t_range) == (0.02, 0.98)
+
+
 # -- tensor glue -------------------------------------------------------------------
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, List, Literal, Mapping, Optional, Sequence, Tuple, Union, get_origin, get_type_hints
 
 import torch
 import torch.nn.functional as F
@@ -48,33 +48,36 @@ def require_threestudio(what: str) -> None:
 # -- configuration ---------------------------------------------------------------
 
 
-@dataclass
-class GuidanceSettings:
-    """The fields of `system.guidance` for `piva-guidance` (threestudio's Config mixes these in).
+def _omegaconf_type(tp: Any) -> Any:
+    """OmegaConf (threestudio's configs) has no Literal: a Literal of strings is read as str."""
+    return str if get_origin(tp) is Literal else tp
 
-    Names match `piva.guidance.GuidanceConfig` one to one, plus the model ids, the
-    precision and how the render's depth becomes the ControlNet's input. Plain types
-    only, so OmegaConf can build it from YAML.
-    """
 
-    mode: str = "piva"
-    source_prompt: str = ""
-    target_prompt: str = ""
-    pretrained_model_name_or_path: str = DEFAULT_MODEL
-    controlnet_name_or_path: str = DEFAULT_CONTROLNET
-    dtype: Optional[str] = None  # float32 | float16 | bfloat16; None: fp32 on CPU, bf16/fp16 on GPU
-    guidance_scale: float = 7.5
-    adapter_guidance_scale: float = 1.0
-    identity_weight: float = 0.4
-    same_latent: Optional[bool] = None
-    t_range: Tuple[float, float] = (0.02, 0.98)
-    annealed_range: Tuple[float, float] = (0.02, 0.50)
-    anneal_step: Optional[int] = None
-    adapter_rank: int = 4
-    adapter_lr: float = 1e-4
-    use_controlnet: bool = True
-    min_opacity: float = 0.5  # pixels less opaque than this are background for the depth ControlNet
-    view_dependent_prompting: bool = False  # the paper edits without it; piva-guidance has none
+# threestudio's own fields of `system.guidance` beside GuidanceConfig's: the model ids, the
+# precision and how the render's depth becomes the ControlNet's input.
+_THREESTUDIO_FIELDS = [
+    ("pretrained_model_name_or_path", str, field(default=DEFAULT_MODEL)),
+    ("controlnet_name_or_path", str, field(default=DEFAULT_CONTROLNET)),
+    # float32 | float16 | bfloat16; None: fp32 on CPU, bf16/fp16 on GPU
+    ("dtype", Optional[str], field(default=None)),
+    # pixels less opaque than this are background for the depth ControlNet
+    ("min_opacity", float, field(default=0.5)),
+    # the paper edits without it; piva-guidance has none
+    ("view_dependent_prompting", bool, field(default=False)),
+]
+
+# The fields of `system.guidance` for `piva-guidance` (threestudio's Config mixes these in):
+# GuidanceConfig's own fields, generated from it so the two never drift apart, plus the
+# threestudio-only ones above. Plain types only, so OmegaConf can build it from YAML.
+GuidanceSettings = make_dataclass(
+    "GuidanceSettings",
+    [
+        (f.name, _omegaconf_type(get_type_hints(GuidanceConfig)[f.name]), field(default=f.default))
+        for f in fields(GuidanceConfig)
+    ]
+    + _THREESTUDIO_FIELDS,
+    namespace={"__module__": __name__},
+)
 
 
 GUIDANCE_FIELDS = tuple(f.name for f in fields(GuidanceConfig))
