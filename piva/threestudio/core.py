@@ -69,12 +69,10 @@ _THREESTUDIO_FIELDS = [
 # The fields of `system.guidance` for `piva-guidance` (threestudio's Config mixes these in):
 # GuidanceConfig's own fields, generated from it so the two never drift apart, plus the
 # threestudio-only ones above. Plain types only, so OmegaConf can build it from YAML.
+_GUIDANCE_TYPES = get_type_hints(GuidanceConfig)
 GuidanceSettings = make_dataclass(
     "GuidanceSettings",
-    [
-        (f.name, _omegaconf_type(get_type_hints(GuidanceConfig)[f.name]), field(default=f.default))
-        for f in fields(GuidanceConfig)
-    ]
+    [(f.name, _omegaconf_type(_GUIDANCE_TYPES[f.name]), field(default=f.default)) for f in fields(GuidanceConfig)]
     + _THREESTUDIO_FIELDS,
     namespace={"__module__": __name__},
 )
