@@ -15,14 +15,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT / "noe"))
 
 
 def main(argv=None) -> int:
-    from validate import ManifestError, validate
-
     from piva.noe.prepare import PrepareOptions
+    from piva.noe.presets import PRESETS
     from piva.noe.runner import METHODS, RunOptions, run_benchmark, select_edits
+    from piva.noe.validate import ManifestError, validate
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", type=Path, help="default: benchmark/noe/manifest.json (--toy: toy-manifest.json)")
@@ -32,7 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--objects", help="comma-separated object ids")
     p.add_argument("--types", help="comma-separated: texturing,addition,translation")
     p.add_argument("--limit", type=int, help="at most this many edits (after the filters)")
-    p.add_argument("--preset", choices=["full", "toy"], help="sizes and devices (default: toy with --toy, else full)")
+    p.add_argument("--preset", choices=list(PRESETS), help="sizes and devices (default: toy with --toy, else full)")
     p.add_argument("--edit-steps", type=int, help="override the preset's edit steps")
     p.add_argument("--source-steps", type=int, help="override the preset's source-scene steps")
     p.add_argument("--eval-views", type=int, default=120, help="evaluation orbit size (protocol: 120)")

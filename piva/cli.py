@@ -3,51 +3,81 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence, get_args, get_origin, get_type_hints
+
+# -- options made from the config dataclasses: each knob is declared once, with its help -------------
+def _docs(cls: type) -> dict[str, str]:
+    import docstring_parser
+
+    return {p.arg_name: " ".join((p.description or "").split()) for p in docstring_parser.parse_from_object(cls).params}
+
+
+def _bool(text: str) -> Optional[bool]:
+    value = {"true": True, "false": False, "auto": None}.get(text.lower(), "?")
+    if value == "?":
+        raise argparse.ArgumentTypeError(f"{text!r}: use true, false or auto")
+    return value
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (), **defaults) -> None:
+    """One `--field-name` option per field of `cls`, typed, with the field's default and docstring."""
+    hints, docs = get_type_hints(cls), _docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name.startswith("_"):
+            continue
+        tp, kw = hints[f.name], {}
+        default = defaults.get(f.name, f.default)
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if get_origin(tp) is Literal:
+            kw = dict(choices=list(get_args(tp)))
+        elif get_origin(tp) is tuple:
+            kw = dict(type=args[0], nargs=len(args), metavar=tuple(f.name.upper() for _ in args))
+        elif tp is bool or args == [bool]:
+            kw = dict(type=_bool, metavar="{true,false" + (",auto}" if args else "}"))
+        else:
+            kw = dict(type=args[0] if args else tp)
+        shown = "auto" if default is None and args == [bool] else default
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=default,
+                            help=f"{docs.get(f.name, '')} (default: {shown})".replace("%", "%%"), **kw)
+
+
+def dataclass_values(args: argparse.Namespace, cls: type, skip: Sequence[str] = ()) -> dict:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.name not in skip and hasattr(args, f.name)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+
+
+# The 2D editor's own settings of the score (paper section 5): LoRA on the UNet only.
+_IMAGE_GUIDANCE_SKIP = ("mode", "source_prompt", "target_prompt", "use_controlnet")
+
 
 def _edit_image(args: argparse.Namespace) -> None:
     from piva.guidance import GuidanceConfig
-    from piva.image.edit import ImageEditConfig, edit_image
+    from piva.image.edit import ImageEditConfig, edit_image, load_image
     from piva.prior import DiffusionPrior
 
-    guidance = GuidanceConfig(
-        mode=args.method,
-        source_prompt=args.source,
-        target_prompt=args.target,
-        guidance_scale=args.guidance_scale,
-        identity_weight=args.identity_weight,
-        adapter_rank=args.adapter_rank,
-        adapter_lr=args.adapter_lr,
-        use_controlnet=False,
-    )
-    guidance.validate()  # fail on bad prompts before loading any weights
-    if not Path(args.image).is_file():
-        raise FileNotFoundError(f"image {args.image!r} does not exist")
+    guidance = GuidanceConfig(mode=args.method, source_prompt=args.source, target_prompt=args.target,
+                              use_controlnet=False, **dataclass_values(args, GuidanceConfig, _IMAGE_GUIDANCE_SKIP))
+    guidance.validate()  # bad prompts and unreadable images fail before any weights are loaded
+    load_image(args.image, short_side=8, multiple=1)
     model = args.model
     if model == "toy":  # the toy world's trained prior, shipped with piva
         from piva.toyworld.quality import PRIOR_DIR
 
         model = str(PRIOR_DIR)
     prior = DiffusionPrior.from_pretrained(model, device=args.device)
-    record = edit_image(
-        args.image,
-        prior,
-        guidance,
-        args.out,
-        ImageEditConfig(steps=args.steps, lr=args.lr, seed=args.seed, resolution=args.resolution),
-    )
+    record = edit_image(args.image, prior, guidance, args.out, ImageEditConfig(**dataclass_values(args, ImageEditConfig)))
     state = "stopped early at" if record["interrupted"] else "finished"
     print(f"{state} step {record['steps_done']} in {record['seconds']:.1f}s -> {Path(args.out) / 'edited.png'}")
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from piva.toyworld.demo import run_demo
+    from piva.demo import run_demo
 
     result = run_demo(Path(args.out), source=args.source, target=args.target, method=args.method,
-                      source_steps=args.source_steps, edit_steps=args.steps, seed=args.seed, geometry=args.geometry,
-                      same_latent=args.same_latent)
+                      source_steps=args.source_steps, edit_steps=args.steps, seed=args.seed, geometry=args.geometry)
     m = result["metrics"]
     print(
         f"{result['method']}: judge success {m['judge_success_rate']:.0%}, target colour {m['target_colour_fraction']:.0%}, "
@@ -63,20 +93,9 @@ def _make_tiny_prior(args: argparse.Namespace) -> None:
     print(f"wrote a tiny random prior to {path} (ControlNet in {path / 'controlnet'})")
 
 
-def _add_edit_options(p: argparse.ArgumentParser, steps: int) -> None:
-    p.add_argument("--method", choices=["piva", "dds", "sds"], default="piva")
-    p.add_argument("--steps", type=int, default=steps, help="optimisation steps (paper: 1000)")
-    p.add_argument("--lr", type=float, default=0.01, help="SGD learning rate on the latent (cosine schedule)")
-    p.add_argument("--identity-weight", type=float, default=0.4, help="lambda of eq. 9 (PiVa only)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG of the base model")
-    p.add_argument("--adapter-rank", type=int, default=4)
-    p.add_argument("--adapter-lr", type=float, default=1e-4)
-    p.add_argument("--resolution", type=int, default=None, help="short side in pixels (default: the model's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from piva.guidance import MODES, GuidanceConfig
+    from piva.image.edit import ImageEditConfig
     from piva.prior import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="piva", description=__doc__)
@@ -88,20 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True, help="describes the wanted result")
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local diffusers folder, or 'toy' (the offline toy-world prior)")
     p.add_argument("--out", required=True, help="output folder")
-    _add_edit_options(p, steps=1000)
+    p.add_argument("--method", choices=list(MODES), default="piva", help="the score (default: piva)")
+    add_dataclass_options(p, GuidanceConfig, skip=_IMAGE_GUIDANCE_SKIP)
+    add_dataclass_options(p, ImageEditConfig)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.set_defaults(func=_edit_image)
 
     p = sub.add_parser("demo", help="toy world, offline: reconstruct a scene with nerfacto, edit it, judge it")
     p.add_argument("--out", default="outputs/demo")
     p.add_argument("--source", default="a red cube", help="a toy-world caption, e.g. 'a green sphere'")
     p.add_argument("--target", default="a blue cube", help="a toy-world caption, e.g. 'a red cube on a white plate'")
-    p.add_argument("--method", choices=["piva", "dds"], default="piva")
+    p.add_argument("--method", choices=["piva", "dds"], default="piva",
+                   help="piva runs the registered piva-object method, dds piva-dds (toy sizes, toy prior)")
     p.add_argument("--steps", type=int, default=300, help="edit steps")
     p.add_argument("--source-steps", type=int, default=600, help="nerfacto steps for the source scene")
     p.add_argument("--geometry", choices=["auto", "keep", "edit"], default="auto",
-                   help="keep: only colours change; edit: the whole field; auto: keep for colour-only edits")
-    p.add_argument("--same-latent", action="store_true",
-                   help="the paper's shared noisy latent for DDS (in the toy world it overshoots the target colour)")
+                   help="keep: only colours change; edit: the whole field; auto: the method's rule "
+                        "(kept when the prompts differ only in colour words)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 

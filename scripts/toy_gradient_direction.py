@@ -12,19 +12,16 @@ paper's trick) and with the true source latent.
 """
 
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
 from piva.guidance import GuidanceConfig, ScoreDistillation  # noqa: E402
 from piva.toyworld.quality import load_toy_prior  # noqa: E402
-from piva.toyworld.scenes import COLORS, Camera, Scene, look_at, render  # noqa: E402
+from piva.toyworld.scenes import COLORS, Scene, render, toy_camera  # noqa: E402
 
-CAMERAS = [Camera(look_at(az, 30.0, 3.6), 40.0, 32, 32) for az in (30, 150, 260)]
+CAMERAS = [toy_camera(az) for az in (30, 150, 260)]
 VIEWS = [render(Scene.from_caption("a red cube"), cam) for cam in CAMERAS]
 
 

@@ -8,11 +8,8 @@ ControlNet samples follow depth (silhouette IoU), and the judge's held-out accur
 import argparse
 import json
 import os
-import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from piva.toyworld.quality import measure  # noqa: E402
 

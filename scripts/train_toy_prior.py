@@ -12,15 +12,12 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from piva.toyworld.judge import WEIGHTS  # noqa: E402
 from piva.toyworld.train import ToyTrainConfig, train_toy_world  # noqa: E402
-
-WEIGHTS = Path(__file__).resolve().parent.parent / "piva" / "toyworld" / "weights"
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--out", type=Path, default=None)

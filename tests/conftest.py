@@ -40,3 +40,12 @@ def randomize_adapters(model: torch.nn.Module, seed: int) -> None:
         for name, p in model.named_parameters():
             if ".lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared, busy CPU, threads spinning against each other make small models ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

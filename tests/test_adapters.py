@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from piva.guidance import SOURCE, TARGET, GuidanceConfig, ScoreDistillation
+from piva.guidance import SOURCE, TARGET, GuidanceConfig, ScoreDistillation, depth_to_control
 from piva.prior import DiffusionPrior
 
 SRC, TGT = "a red cube", "a blue cube"
@@ -141,3 +141,19 @@ def test_second_adapter_pair_on_one_prior_is_refused(prior):
     make(prior)
     with pytest.raises(ValueError, match="already carries piva adapters"):
         make(prior)
+
+
+def test_depth_to_control_by_hand():
+    """Inverse depth scaled per image to [0.1, 1] (near bright); background (0 or inf) is 0, on 3 channels."""
+    inf = float("inf")
+    depth = torch.tensor([[[1.0, 2.0], [0.0, inf]], [[4.0, 4.0], [2.0, 0.0]], [[0.0, inf], [inf, 0.0]]])
+    expected = torch.tensor([
+        [[1.0, 0.1], [0.0, 0.0]],  # 1/d = 1, 0.5: nearest -> 1, farthest -> 0.1
+        [[0.1, 0.1], [1.0, 0.0]],  # 1/d = 0.25, 0.25, 0.5: normalised within this image only
+        [[0.0, 0.0], [0.0, 0.0]],  # all background
+    ])
+    out = depth_to_control(depth, (2, 2))  # [B,H,W] is accepted too
+    assert out.shape == (3, 3, 2, 2)
+    torch.testing.assert_close(out, expected[:, None].expand(3, 3, 2, 2), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="depth must be"):
+        depth_to_control(torch.ones(1, 2, 4, 4), (4, 4))

@@ -56,9 +56,12 @@ def eps(prior, z_t, text, control=None, v_pred=False):
 
 
 def inverse_depth_image(depth, size):
+    """1/depth of the foreground scaled per image to [0.1, 1]; background (0 or inf) black."""
+    fg = (depth > 0) & (depth < float("inf"))
     inv = 1.0 / depth
-    lo, hi = inv.amin(dim=(1, 2, 3), keepdim=True), inv.amax(dim=(1, 2, 3), keepdim=True)
-    img = (inv - lo) / (hi - lo) * 0.9 + 0.1
+    lo = torch.stack([inv[i][fg[i]].min() for i in range(len(depth))]).view(-1, 1, 1, 1)
+    hi = torch.stack([inv[i][fg[i]].max() for i in range(len(depth))]).view(-1, 1, 1, 1)
+    img = torch.where(fg, (inv - lo) / (hi - lo) * 0.9 + 0.1, torch.zeros(()))
     return torch.nn.functional.interpolate(img, size=size, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
 
 
@@ -131,6 +134,7 @@ def test_piva_gradient(prior, latents, adapter_cfg):
     z, noise, _ = latents
     lam = 0.4
     depth = torch.rand(2, 1, 32, 32) * 2 + 2
+    depth[0, :, :6], depth[1, :, :, -5:] = float("inf"), 0.0  # background, both ways of marking it
     # Build the adapters, then give them distinct weights so the regulariser is not trivially zero.
     sd = ScoreDistillation(
         prior,
@@ -212,7 +216,9 @@ def test_piva_with_zero_lambda_equals_dds(tiny_dir, latents):
     _, g_piva, _ = run_step(p1, "piva", z, noise, identity_weight=0.0, depth=depth)
     p2 = DiffusionPrior.from_pretrained(tiny_dir, device="cpu")
     _, g_dds, _ = run_step(p2, "dds", z, noise, same_latent=True)
-    torch.testing.assert_close(g_piva, g_dds, rtol=1e-5, atol=1e-7)
+    # Equal up to fp32 rounding: PiVa's UNet batch has 8 rows, DDS's 4, and CPU matmuls round differently
+    # per batch size (max 3e-6 of |g| <= 0.26 measured with torch 2.13; lambda = 0.4 moves it by 1.5e-2).
+    torch.testing.assert_close(g_piva, g_dds, rtol=1e-5, atol=1e-5)
     # ...and with lambda > 0 it does not.
     p3 = DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu")
     _, g_reg, _ = run_step(p3, "piva", z, noise, identity_weight=0.4, depth=depth)

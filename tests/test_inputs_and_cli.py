@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -13,6 +14,8 @@ from PIL import Image
 from piva.cli import main
 from piva.guidance import GuidanceConfig, ScoreDistillation
 from piva.prior import DiffusionPrior, ModelNotFoundError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "red-cube.png"
 
@@ -93,19 +96,101 @@ def test_nan_depth_and_missing_depth(prior):
         sd.step(rgb, depth=torch.full((1, 1, 32, 32), float("nan")))
 
 
-def test_edit_image_cli_end_to_end(tiny_dir, tmp_path):
+def object_hue_distance(rgb: torch.Tensor, mask: torch.Tensor, color: str) -> float:
+    """Mean circular hue distance of the saturated object pixels to `color`'s hue (0 = exactly that hue)."""
+    import colorsys
+
+    from piva.toyworld.judge import HUES
+
+    pixels = rgb[0].permute(1, 2, 0)[mask].tolist()
+    hsv = [colorsys.rgb_to_hsv(*px) for px in pixels]
+    dist = [min(abs(h - HUES[color]), 1 - abs(h - HUES[color])) for h, s, v in hsv if s > 0.35 and v > 0.15]
+    assert len(dist) > 0.5 * len(pixels), "the object lost its colour altogether"
+    return sum(dist) / len(dist)
+
+
+def test_edit_image_cli_moves_the_image_towards_the_target(tmp_path, capsys):
+    """A red cube edited to 'a blue cube' with the toy prior must come out bluer, not just different (VAE round trip)."""
+    from piva.image.edit import load_image
+    from piva.toyworld.scenes import Scene, render, toy_camera
+
+    view = render(Scene.from_caption("a red cube"), toy_camera(30.0, 30.0))
+    image = tmp_path / "red-cube.png"
+    Image.fromarray((view["rgb"] * 255).round().astype(np.uint8)).save(image)
+    mask = torch.from_numpy(view["object"] > 0.5)
     out = tmp_path / "run"
-    code = main(["edit-image", "--image", str(EXAMPLE), "--source", "a red cube", "--target", "a blue cube",
-                 "--model", str(tiny_dir), "--steps", "4", "--out", str(out), "--device", "cpu"])
-    assert code == 0
+    # lr 0.1 (default 0.01): 4 steps (~1 s) then move the colour well beyond the VAE's noise (seeds 0-4 tried).
+    code = main(["edit-image", "--image", str(image), "--source", "a red cube", "--target", "a blue cube",
+                 "--model", "toy", "--steps", "4", "--lr", "0.1", "--out", str(out), "--device", "cpu"])
+    assert code == 0 and "finished step 4" in capsys.readouterr().out
     record = json.loads((out / "run.json").read_text())
-    assert record["steps_done"] == 4 and len(record["history"]) == 4
+    assert record["steps_done"] == 4 and len(record["history"]) == 4 and not record["interrupted"]
     assert {"t", "grad_norm", "identity_norm", "source_adapter_loss", "target_adapter_loss"} <= set(record["history"][0])
     assert record["guidance"]["mode"] == "piva" and record["guidance"]["identity_weight"] == 0.4
-    edited = Image.open(out / "edited.png")
-    assert edited.size == (32, 32)
+
+    before, after = load_image(image, 32, 1), load_image(out / "edited.png", 32, 1)
+    assert after.shape == before.shape == (1, 3, 32, 32)
+    assert (after - before).abs().mean() > 0.01
+    # The VAE round trip alone (0 steps) moves the hue distance by 0.003 and blue - red by 0.01;
+    # 4 steps move them by 0.036-0.061 and 0.15-0.23 (seeds 0-4).
+    start, end = object_hue_distance(before, mask, "blue"), object_hue_distance(after, mask, "blue")
+    assert end < start - 0.02, (start, end)
+    rgb = lambda x: x[0][:, mask]  # noqa: E731 - the object's pixels [3, n]
+    assert (rgb(after)[2] - rgb(after)[0]).mean() > (rgb(before)[2] - rgb(before)[0]).mean() + 0.08  # blue gains on red
     strip = Image.open(out / "progress.png")
     assert strip.size[1] == 32 and strip.size[0] >= 3 * 32
+
+
+def test_edit_image_ctrl_c_writes_the_latest_result(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during step 4 of 8: the result after step 3 is written, marked interrupted, and the command succeeds."""
+    real_step, calls = ScoreDistillation.step, []
+
+    def step_then_interrupt(self, *args, **kwargs):
+        calls.append(len(calls))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(ScoreDistillation, "step", step_then_interrupt)
+    out = tmp_path / "run"
+    code = main(["edit-image", "--image", str(EXAMPLE), "--source", "a red cube", "--target", "a blue cube",
+                 "--model", str(tiny_dir), "--steps", "8", "--out", str(out), "--device", "cpu"])
+    assert code == 0 and "stopped early at step 3" in capsys.readouterr().out
+    record = json.loads((out / "run.json").read_text())
+    assert record["interrupted"] is True and record["steps_done"] == 3 and len(record["history"]) == 3
+    # With 8 steps the strip holds the input and a snapshot after every step: the written result
+    # must be the snapshot after step 3 (the latest), not the input or an earlier state.
+    strip = np.asarray(Image.open(out / "progress.png"))
+    panels = [strip[:, i * 32:(i + 1) * 32] for i in range(strip.shape[1] // 32)]
+    edited = np.asarray(Image.open(out / "edited.png"))
+    assert len(panels) == 5  # input, after steps 1, 2, 3, and the result
+    assert np.array_equal(edited, panels[-1]) and np.array_equal(edited, panels[3])
+    assert not np.array_equal(panels[3], panels[2]) and not np.array_equal(edited, panels[0])
+
+
+@pytest.mark.parametrize("kind", ["missing", "not an image"])
+def test_edit_image_checks_the_image_before_loading_the_model(tiny_dir, tmp_path, monkeypatch, capsys, kind):
+    """A bad --image must fail in one line within 2 s, before the (slow) model load."""
+    loads = []
+    real = DiffusionPrior.from_pretrained.__func__
+
+    def counting_from_pretrained(cls, *args, **kwargs):
+        loads.append(args)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionPrior, "from_pretrained", classmethod(counting_from_pretrained))
+    image = tmp_path / "x.png"
+    if kind == "not an image":
+        image.write_text("this is text, not a PNG\n")
+    start = time.perf_counter()
+    code = main(["edit-image", "--image", str(image), "--source", "a red cube", "--target", "a blue cube",
+                 "--model", str(tiny_dir), "--steps", "2", "--out", str(tmp_path / "run"), "--device", "cpu"])
+    seconds = time.perf_counter() - start
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("piva: error:") and "\n" not in err and "x.png" in err, err
+    assert loads == [], "the model was loaded before the image was checked"
+    assert seconds < 2, seconds
+    assert not (tmp_path / "run" / "run.json").exists()
 
 
 def test_cli_errors_are_one_line(tiny_dir, tmp_path):

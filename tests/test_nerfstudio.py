@@ -11,8 +11,12 @@ import torch
 
 pytest.importorskip("nerfstudio")
 
-from piva.toyworld import nerf  # noqa: E402
+from piva.nerfstudio import runs  # noqa: E402
+from piva.noe.prepare import toy_object_scene  # noqa: E402
 from piva.toyworld.scenes import Scene, write_blender_dataset  # noqa: E402
+
+SIZE = runs.RunSize(edit_steps=1, source_steps=20, source_rays_per_batch=256, render_short_side=32,
+                    rays_per_batch=128, cpu_field=True, device="cpu")
 
 NS_TRAIN = str(Path(sys.executable).parent / "ns-train")
 pytestmark = pytest.mark.slow
@@ -23,10 +27,44 @@ def test_nerfstudio_discovers_the_methods():
     from nerfstudio.plugins.registry import discover_methods
 
     methods, _ = discover_methods()
-    assert {"piva", "piva-dds", "piva-small"} <= set(methods)
+    assert {"piva", "piva-object", "piva-dds", "piva-sds", "piva-small"} <= set(methods)
     assert "piva" in all_descriptions
-    assert methods["piva"].pipeline.identity_weight == 0.2  # paper: real scenes
-    assert methods["piva-dds"].pipeline.method == "dds"
+    assert methods["piva"].pipeline.guidance.identity_weight == 0.2  # paper: real scenes
+    assert methods["piva-object"].pipeline.guidance.identity_weight == 0.4  # paper: objects
+    assert methods["piva-dds"].pipeline.guidance.mode == "dds"
+    assert methods["piva-sds"].pipeline.guidance.mode == "sds"
+
+
+def test_guidance_knobs_are_ns_train_flags_with_help():
+    """GuidanceConfig is nested in the pipeline config: each of its fields is a --pipeline.guidance.* flag."""
+    import dataclasses
+
+    from piva.guidance import GuidanceConfig
+
+    res = subprocess.run([NS_TRAIN, "piva", "--help"], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    for f in dataclasses.fields(GuidanceConfig):
+        assert "--pipeline.guidance." + f.name.replace("_", "-") in res.stdout, f.name
+    assert "lambda of eq. 9" in res.stdout  # tyro's help comes from the field docstrings
+    assert "--pipeline.identity-weight" not in res.stdout  # declared once
+
+
+def test_benchmark_and_demo_configs_differ_from_the_registered_method_in_sizes_and_inputs_only(tmp_path):
+    from piva.nerfstudio.piva_config import METHODS
+
+    scene = toy_object_scene(tmp_path / "data")
+    for name in ("piva-object", "piva-dds", "piva-sds", "piva"):
+        for size in (runs.TOY_SIZE, runs.RunSize(), runs.TOY_SIZE.with_edit_steps(40)):
+            cfg = runs.edit_config(name, scene, tmp_path / "load", tmp_path / "out", "a red cube", "a blue cube", size,
+                                   diffusion_model="m", controlnet_model="c")
+            diff = set(runs.config_differences(METHODS[name].config, cfg))
+            assert diff <= runs.SIZE_FIELDS | runs.INPUT_FIELDS, diff - runs.SIZE_FIELDS - runs.INPUT_FIELDS
+            assert cfg.pipeline.guidance.anneal_step == size.anneal_step
+    assert runs.TOY_SIZE.with_edit_steps(40).anneal_step == 20  # the anneal keeps its place in the run
+    # The comparison can fail: a method knob set by a caller shows up.
+    cfg.pipeline.guidance.identity_weight = 0.3
+    assert "pipeline.guidance.identity_weight" in set(runs.config_differences(METHODS["piva"].config, cfg))
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +72,7 @@ def scene(tmp_path_factory):
     root = tmp_path_factory.mktemp("ns")
     data = write_blender_dataset(Scene("cube", "red"), root / "data", n_train=12, n_val=2, size=32)
     other = write_blender_dataset(Scene("cube", "red"), root / "other", n_train=12, n_val=2, size=32, seed=7)
-    ckpt = nerf.run(nerf.source_scene_config(data, root / "runs", steps=20, rays=256))
+    ckpt = runs.reconstruct(toy_object_scene(data), root / "runs", SIZE) / "nerfstudio_models"
     return {"root": root, "data": data, "other": other, "nerfacto": ckpt}
 
 
@@ -42,10 +80,10 @@ def ns_train(scene, tiny_dir, *extra, load_dir=None, data=None, prompts=("a red 
     args = [NS_TRAIN, "piva", "--output-dir", str(scene["root"] / "edits"), "--experiment-name", "edit",
             "--timestamp", "run", "--max-num-iterations", str(steps), "--steps-per-save", "1",
             "--machine.device-type", "cpu", "--vis", "tensorboard",
-            "--pipeline.source-prompt", prompts[0], "--pipeline.target-prompt", prompts[1],
+            "--pipeline.guidance.source-prompt", prompts[0], "--pipeline.guidance.target-prompt", prompts[1],
             "--pipeline.diffusion-model", str(tiny_dir), "--pipeline.controlnet-model", str(tiny_dir / "controlnet"),
             "--pipeline.render-short-side", "32", "--pipeline.datamanager.train-num-rays-per-batch", "128",
-            *nerf.small_model_cli_args(), *extra]
+            *runs.cli_args(toy_object_scene(scene["data"]), SIZE), *extra]
     if load_dir is not None:
         args += ["--load-dir", str(load_dir)]
     args += ["blender-data", "--data", str(data or scene["data"]), "--alpha-color", "None"]
@@ -60,7 +98,8 @@ def checkpoints(scene):
 
 def test_edit_writes_adapters_and_resumes(scene, tiny_dir):
     shutil.rmtree(scene["root"] / "edits", ignore_errors=True)
-    res = ns_train(scene, tiny_dir, load_dir=scene["nerfacto"], steps=2)
+    geometry = ("--pipeline.model.edit-geometry", "True")  # the whole field (colour-only prompts would keep it)
+    res = ns_train(scene, tiny_dir, *geometry, load_dir=scene["nerfacto"], steps=2)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     d, ckpts = checkpoints(scene)
     assert len(ckpts) == 1  # only the latest is kept
@@ -74,7 +113,7 @@ def test_edit_writes_adapters_and_resumes(scene, tiny_dir):
     assert first == nerfacto_step + 2
     assert not list(d.parent.glob(".*tmp"))  # no temporary file left behind
 
-    res = ns_train(scene, tiny_dir, load_dir=d, steps=2)
+    res = ns_train(scene, tiny_dir, *geometry, load_dir=d, steps=2)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "resuming the edit" in res.stdout
     _, ckpts = checkpoints(scene)
@@ -83,11 +122,11 @@ def test_edit_writes_adapters_and_resumes(scene, tiny_dir):
     assert resumed["pipeline"]["piva.meta"]["edit_start_step"] == pipe["piva.meta"]["edit_start_step"]
     assert torch.equal(resumed["pipeline"]["piva.original_rgb"], pipe["piva.original_rgb"])
     # The field changed during the edit.
-    key = next(k for k in pipe if "field.mlp_base" in k or "field.mlp_head" in k)
+    key = next(k for k in pipe if "field.mlp_base" in k)
     assert not torch.equal(resumed["pipeline"][key], pipe[key])
 
     # The same checkpoint on another scene's data: one clear line.
-    res = ns_train(scene, tiny_dir, load_dir=d, data=scene["other"], steps=1)
+    res = ns_train(scene, tiny_dir, *geometry, load_dir=d, data=scene["other"], steps=1)
     assert res.returncode != 0
     assert "piva: error: this piva checkpoint was made on another scene" in res.stderr
 
@@ -108,8 +147,8 @@ def test_empty_prompt_fails_in_one_line(scene, tiny_dir):
 
 def test_two_pass_render_gradient_equals_one_full_graph(scene, tiny_dir):
     """The chunked two-pass backward gives the field the same gradient as autograd through one whole render."""
-    cfg = nerf.edit_config(scene["data"], scene["nerfacto"], scene["root"] / "unused", "a red cube", "a blue cube",
-                           tiny_dir, tiny_dir / "controlnet", steps=1)
+    cfg = runs.edit_config("piva-object", toy_object_scene(scene["data"]), scene["nerfacto"], scene["root"] / "unused",
+                           "a red cube", "a red sphere", SIZE, str(tiny_dir), str(tiny_dir / "controlnet"))
     pipeline = cfg.pipeline.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
     ckpt = next(scene["nerfacto"].glob("*.ckpt"))
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -143,11 +182,11 @@ def test_field_mlps_get_their_own_optimizer_group():
     from nerfstudio.data.scene_box import SceneBox
 
     from piva.nerfstudio.piva_model import PivaNerfactoModelConfig
-    from piva.toyworld.nerf import SMALL_NERFACTO
+    from piva.nerfstudio.runs import CPU_FIELD
 
     box = SceneBox(aabb=torch.tensor([[-1.5, -1.5, -1.5], [1.5, 1.5, 1.5]]))
     for split in (False, True):
-        cfg = PivaNerfactoModelConfig(**SMALL_NERFACTO, separate_mlp_group=split)
+        cfg = PivaNerfactoModelConfig(**CPU_FIELD, separate_mlp_group=split)
         model = cfg.setup(scene_box=box, num_train_data=4)
         groups = model.get_param_groups()
         field_params = dict(model.field.named_parameters())
@@ -169,7 +208,7 @@ def test_backdrop_is_a_fixed_colour_the_field_cannot_change():
     from piva.nerfstudio.piva_model import PivaNerfactoModelConfig
 
     box = SceneBox(aabb=torch.tensor([[-1.5, -1.5, -1.5], [1.5, 1.5, 1.5]]))
-    settings = nerf.model_settings(small=True, white_background=False)
+    settings = toy_object_scene(Path("unused")).model_settings(SIZE)
     assert settings["backdrop_rgb"] == (0.92, 0.92, 0.92)
     settings["average_init_density"] = 1e-6  # an empty scene: almost no density anywhere
     model = PivaNerfactoModelConfig(**settings).setup(scene_box=box, num_train_data=4)
@@ -186,11 +225,11 @@ def test_backdrop_is_a_fixed_colour_the_field_cannot_change():
 
 
 def test_appearance_only_edit_keeps_the_density(scene, tiny_dir):
-    """--pipeline.model.edit-geometry False: every density weight (grid, density MLP, proposal networks) is
-    bit-identical to the nerfacto checkpoint after the edit, while the colour head has moved."""
+    """A colour-only edit (the method's rule; --pipeline.model.edit-geometry False forces it): every density
+    weight (grid, density MLP, proposal networks) is bit-identical to the nerfacto checkpoint after the edit,
+    while the colour head has moved."""
     out = scene["root"] / "appearance"
-    res = ns_train(scene, tiny_dir, "--pipeline.model.edit-geometry", "False", "--output-dir", str(out),
-                   load_dir=scene["nerfacto"], steps=3)
+    res = ns_train(scene, tiny_dir, "--output-dir", str(out), load_dir=scene["nerfacto"], steps=3)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     before = torch.load(next(scene["nerfacto"].glob("*.ckpt")), map_location="cpu", weights_only=False)["pipeline"]
     after = torch.load(next((out / "edit" / "piva" / "run" / "nerfstudio_models").glob("*.ckpt")),
@@ -203,7 +242,7 @@ def test_appearance_only_edit_keeps_the_density(scene, tiny_dir):
     assert any(not torch.equal(before[k], after[k]) for k in colour)
 
     # Resuming it with the whole field trainable would need optimizer groups it never had: one clear line.
-    res = ns_train(scene, tiny_dir, "--output-dir", str(out), load_dir=out / "edit" / "piva" / "run" / "nerfstudio_models",
-                   steps=1)
+    res = ns_train(scene, tiny_dir, "--output-dir", str(out), "--pipeline.model.edit-geometry", "True",
+                   load_dir=out / "edit" / "piva" / "run" / "nerfstudio_models", steps=1)
     assert res.returncode != 0
     assert res.stderr.strip().splitlines()[-1].startswith("piva: error: this piva checkpoint used edit_geometry=False")

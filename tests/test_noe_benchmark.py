@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -55,16 +56,10 @@ def test_objects_are_scaled_into_the_radius_2_sphere_and_written_as_blender_data
     r = np.linalg.norm(np.concatenate([m.vertices for m in meshes]), axis=1)
     assert r.max() == pytest.approx(2.0)
     obj = {"id": "thing", "source": "local", "path": str(mesh_file), "source_prompt": "a thing"}
-    opts = PrepareOptions(root=tmp_path / "noe", preset="toy")
-    opts_views = dict(n_views=6, size=16)
-    from piva.noe import prepare
+    from piva.noe.presets import PRESETS
 
-    old = prepare.PRESETS["toy"].copy()
-    prepare.PRESETS["toy"].update(opts_views)
-    try:
-        data = write_dataset(obj, opts)
-    finally:
-        prepare.PRESETS["toy"] = old
+    small = dataclasses.replace(PRESETS["toy"], capture_views=6, capture_size=16)
+    data = write_dataset(obj, PrepareOptions(root=tmp_path / "noe", preset=small))
     meta = json.loads((data / "transforms_train.json").read_text())
     assert len(meta["frames"]) == 6
     import imageio.v3 as iio
@@ -145,6 +140,43 @@ def test_missing_clip_and_lpips_weights_are_reported_not_faked(tmp_path, monkeyp
     assert time.perf_counter() - t0 < 60  # an error, not a hang on the network
 
 
+_WITHOUT_NERFSTUDIO = """
+import importlib.abc, sys
+
+class NoNerfstudio(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "nerfstudio":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoNerfstudio())
+from piva.metrics.evaluate import MetricUnavailable, load_lpips
+try:
+    name, fn = load_lpips()
+    print("loaded", callable(fn))
+except MetricUnavailable as exc:
+    print("unavailable", exc)
+print("nerfstudio imported:", any(m.split(".")[0] == "nerfstudio" or m.startswith("piva.nerfstudio") for m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("weights", ["cached", "missing"])
+def test_lpips_loads_without_nerfstudio(tmp_path, weights):
+    """The threestudio backend runs where nerfstudio is not installed: LPIPS must load, or say why, not crash."""
+    from piva.metrics.evaluate import ALEXNET_FILE
+
+    torch_home = tmp_path / "torch"
+    if weights == "cached":  # load_lpips only checks the file is there; the metric is not computed here
+        (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+        (torch_home / "hub" / "checkpoints" / ALEXNET_FILE).write_bytes(b"")
+    env = {**os.environ, "TORCH_HOME": str(torch_home), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", _WITHOUT_NERFSTUDIO], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("loaded True" if weights == "cached" else "unavailable "), res.stdout
+    assert weights == "cached" or "AlexNet" in res.stdout
+    assert "nerfstudio imported: False" in res.stdout
+
+
 # ---------------------------------------------------------------------------- leaderboards
 def _fake_result(out: Path, method: str, edit_id: str, kind: str, clip: float, lpips: float) -> None:
     """A stored result as run_one writes it (values chosen by hand, to check the aggregation)."""
@@ -209,7 +241,7 @@ def test_toy_benchmark_end_to_end_resumes_after_a_kill(tmp_path):
     out = tmp_path / "noe"
     first = _run(out, "--methods", "no-edit,piva")
     done_ref = out / "results" / "no-edit" / "toy-red-cube-texturing-0.json"
-    ckpts = out / "work" / "piva" / "toy-red-cube-texturing-0" / "piva" / "run" / "nerfstudio_models"
+    ckpts = out / "work" / "piva" / "toy-red-cube-texturing-0" / "piva-object" / "run" / "nerfstudio_models"
     deadline = time.time() + 900
     while time.time() < deadline and first.poll() is None and not list(ckpts.glob("step-*.ckpt")):
         time.sleep(0.5)
@@ -234,6 +266,7 @@ def test_toy_benchmark_end_to_end_resumes_after_a_kill(tmp_path):
     assert steps[-1] - state["pipeline"]["piva.meta"]["edit_start_step"] == 8 - 1  # 8 steps in all, none twice
     m = piva["metrics"]
     assert m["views"] == 8 and "judge_score" in m and "clip" in m["unavailable"]
+    assert piva["registered_method"] == "piva-object"  # the benchmark runs the registered method
     assert piva["peak_memory"]["process_peak_rss_mb"] > 0
     noedit = json.loads(done_ref.read_text())["metrics"]
     assert noedit["psnr"] > 60 and noedit["ssim"] == pytest.approx(1.0)
@@ -264,25 +297,41 @@ def test_threestudio_backend_commands(tmp_path):
     assert "custom/threestudio-piva/configs/piva-noe.yaml" in cmd and not any("mode=" in c for c in cmd)
 
 
-def _prepare_in_child(root: str) -> None:
+def _prepare_in_child(root: str, counter: str) -> None:
+    """One worker preparing the toy red cube; each view it renders appends its pid to `counter`."""
     from piva.noe import prepare
+    from piva.noe.presets import get_preset
+    from piva.toyworld import scenes
 
-    prepare.PRESETS["toy"].update(n_views=12, size=16)
+    real_render = scenes.render
+
+    def counting_render(*args, **kwargs):
+        with open(counter, "a") as f:  # O_APPEND: lines from several processes do not mix
+            f.write(f"{os.getpid()}\n")
+        return real_render(*args, **kwargs)
+
+    scenes.render = counting_render  # this forked child only
+    preset = dataclasses.replace(get_preset("toy"), capture_views=12, capture_size=16)
     obj = {"id": "toy-red-cube", "source": "toyworld", "source_prompt": "a red cube"}
-    prepare.prepare_object(obj, prepare.PrepareOptions(root=Path(root), preset="toy"), train=False)
+    prepare.prepare_object(obj, prepare.PrepareOptions(root=Path(root), preset=preset), train=False)
 
 
 def test_parallel_workers_prepare_an_object_once(tmp_path):
-    """Two processes (as Ray tasks would) preparing the same object: no clash, one finished dataset."""
+    """Three processes (as Ray tasks would) preparing the same object: one of them renders it, once; no clash."""
     import multiprocessing as mp
 
+    counter = tmp_path / "renders.txt"
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_prepare_in_child, args=(str(tmp_path),)) for _ in range(3)]
+    procs = [ctx.Process(target=_prepare_in_child, args=(str(tmp_path / "noe"), str(counter))) for _ in range(3)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0, 0]
-    data = tmp_path / "objects" / "toy-red-cube" / "data"
-    assert len(json.loads((data / "transforms_train.json").read_text())["frames"]) == 12
+    data = tmp_path / "noe" / "objects" / "toy-red-cube" / "data"
+    frames = {f.name: len(json.loads(f.read_text())["frames"]) for f in data.glob("transforms_*.json")}
+    assert frames == {"transforms_train.json": 12, "transforms_val.json": 4, "transforms_test.json": 4}
+    renders = counter.read_text().splitlines() if counter.exists() else []
+    assert len(renders) == sum(frames.values()), f"{len(renders)} views rendered for {sum(frames.values())} frames"
+    assert len(set(renders)) == 1  # by one worker; the others found it prepared
     assert not (data.parent / "data.partial").exists()

@@ -3,15 +3,15 @@
 import copy
 import csv
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmark" / "noe"))
-from validate import ManifestError, validate  # noqa: E402
+from piva.noe.validate import ManifestError, load_schema, main, validate
 
+ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = json.loads((ROOT / "benchmark" / "noe" / "manifest.json").read_text())
 CANDIDATES = ROOT.parent / "shared" / "data" / "objaverse-candidates.tsv"
 
@@ -55,3 +55,33 @@ def broken(change):
 def test_validator_rejects_bad_entries(change, message):
     with pytest.raises(ManifestError, match=message):
         validate(broken(change))
+
+
+def test_the_schema_is_package_data():
+    import importlib.resources
+
+    assert (importlib.resources.files("piva.noe") / "manifest.schema.json").is_file()
+    assert load_schema()["$schema"].endswith("2020-12/schema")
+    assert not (ROOT / "benchmark" / "noe" / "manifest.schema.json").exists()  # one copy only
+
+
+def test_toy_manifest_is_valid_and_checked_for_toy_captions():
+    toy = json.loads((ROOT / "benchmark" / "noe" / "toy-manifest.json").read_text())
+    validate(toy)
+    bad = copy.deepcopy(toy)
+    bad["edits"][0]["target_prompt"] = "a teapot on fire"
+    with pytest.raises(ManifestError, match="not a toy-world caption"):
+        validate(bad)
+
+
+def test_cli_exit_codes(tmp_path, capsys):
+    assert main([str(ROOT / "benchmark" / "noe" / "manifest.json"), "--full-benchmark"]) == 0
+    assert "valid - 35 objects, 112 edits" in capsys.readouterr().out
+    broken_file = tmp_path / "m.json"
+    broken_file.write_text(json.dumps(broken(lambda m: m["edits"][0].update(object="nope"))))
+    assert main([str(broken_file)]) == 1
+    assert "unknown object" in capsys.readouterr().err
+    # The old entry point still works, without any sys.path editing.
+    run = subprocess.run([sys.executable, str(ROOT / "benchmark" / "noe" / "validate.py")], capture_output=True,
+                         text=True, cwd=tmp_path)
+    assert run.returncode == 0 and "valid - 35 objects" in run.stdout, run.stderr

@@ -1,7 +1,7 @@
 """The threestudio front end, checked without threestudio (it needs tiny-cuda-nn and a GPU).
 
 What is checked here: the YAMLs use threestudio's real config keys and carry the
-paper's values; the glue in `piva.threestudio.core` gives exactly what calling
+paper's values; the glue in `piva.threestudio.glue` gives exactly what calling
 `piva.guidance.ScoreDistillation` on the same channels-first input gives; the
 registered modules fail with one line without threestudio; the installer on a fake
 checkout. What only threestudio can check is listed in piva/threestudio/README.md.
@@ -24,10 +24,14 @@ import torch
 import yaml
 
 from conftest import randomize_adapters
+from piva.data.cameras import look_at, noe_cameras
 from piva.guidance import GuidanceConfig, ScoreDistillation
-from piva.metrics.cameras import noe_cameras, orbit_c2w
 from piva.prior import DiffusionPrior
-from piva.threestudio import core, install
+from piva.threestudio import blender, install
+from piva.threestudio import config as ts
+from piva.threestudio.glue import ChannelsLastGuidance, channels_first, depth_for_control
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs" / "threestudio"
@@ -97,7 +101,7 @@ EDITS = {"piva-noe.yaml": "piva", "dds-noe.yaml": "dds"}
 def test_config_uses_threestudio_keys(name):
     cfg = load(name)
     assert set(cfg) <= EXPERIMENT_KEYS
-    sys_keys = LIFT3D_KEYS | ({"save_adapters"} if cfg["system_type"] == core.EDIT_SYSTEM_NAME else set())
+    sys_keys = LIFT3D_KEYS | ({"save_adapters"} if cfg["system_type"] == ts.EDIT_SYSTEM_NAME else set())
     assert set(cfg["system"]) <= sys_keys, set(cfg["system"]) - sys_keys
     for kind in ("geometry", "material", "background", "renderer"):
         module = cfg["system"][f"{kind}_type"]
@@ -105,10 +109,10 @@ def test_config_uses_threestudio_keys(name):
     if cfg["data_type"] == "random-camera-datamodule":
         assert set(cfg["data"]) <= RANDOM_CAMERA_KEYS, set(cfg["data"]) - RANDOM_CAMERA_KEYS
     else:
-        assert cfg["data_type"] == core.DATAMODULE_NAME
-        assert set(cfg["data"]) <= {f.name for f in fields(core.BlenderDataSettings)}
+        assert cfg["data_type"] == ts.DATAMODULE_NAME
+        assert set(cfg["data"]) <= {f.name for f in fields(blender.BlenderDataSettings)}
     types = [cfg["data_type"], cfg["system_type"]] + [v for k, v in cfg["system"].items() if k.endswith("_type") and v]
-    assert set(types) <= THREESTUDIO_TYPES | set(core.REGISTERED), types
+    assert set(types) <= THREESTUDIO_TYPES | set(ts.REGISTERED), types
     # Every ${a.b} points at a key of this file; every ${f:...} is a resolver threestudio registers.
     text = (CONFIGS / name).read_text()
     for ref in re.findall(r"\$\{([A-Za-z_][\w.]*)\}", text):
@@ -128,7 +132,7 @@ def test_scene_modules_are_the_same_in_every_config():
 
 def test_source_config_is_the_papers_instant_ngp():
     cfg = load("source-noe.yaml")
-    assert cfg["system_type"] == core.RECONSTRUCTION_SYSTEM_NAME
+    assert cfg["system_type"] == ts.RECONSTRUCTION_SYSTEM_NAME
     assert cfg["trainer"]["max_steps"] == 10000
     assert cfg["system"]["optimizer"]["name"] == "Adam"
     geo = cfg["system"]["geometry"]
@@ -141,7 +145,7 @@ def test_source_config_is_the_papers_instant_ngp():
 def test_edit_config_carries_the_papers_values(name, mode):
     cfg = load(name)
     data, system = cfg["data"], cfg["system"]
-    assert cfg["system_type"] == core.EDIT_SYSTEM_NAME
+    assert cfg["system_type"] == ts.EDIT_SYSTEM_NAME
     assert cfg["trainer"]["max_steps"] == 15000
     assert (data["width"], data["height"], data["batch_size"]) == (512, 512, 1)
     assert data["elevation_range"] == [10, 60]
@@ -152,7 +156,7 @@ def test_edit_config_carries_the_papers_values(name, mode):
     assert "guidance" not in system["optimizer"]["params"]  # adapters train with piva's own optimizer
     assert system["geometry_convert_inherit_texture"] is True
     guidance = system["guidance"]
-    assert system["guidance_type"] == core.GUIDANCE_NAME
+    assert system["guidance_type"] == ts.GUIDANCE_NAME
     assert guidance["mode"] == mode
     assert guidance["adapter_lr"] == 1e-4
     assert guidance["identity_weight"] == 0.4
@@ -162,12 +166,12 @@ def test_edit_config_carries_the_papers_values(name, mode):
     assert guidance["source_prompt"] == guidance["target_prompt"] == "???"
     # The section builds piva's GuidanceConfig (the threestudio Config accepts exactly these keys).
     section = {**guidance, "source_prompt": SRC, "target_prompt": TGT}
-    core.GuidanceSettings(**section)
-    config = core.guidance_config(section)
+    ts.GuidanceSettings(**section)
+    config = ts.guidance_config(section)
     assert (config.mode, config.identity_weight, config.adapter_lr) == (mode, 0.4, 1e-4)
     assert config.t_range == (0.02, 0.98) and config.annealed_range == (0.02, 0.5)
     assert config.uses_same_latent == (mode == "piva")  # paper's trick for PiVa, the true source latent for DDS
-    assert core.needs_original(config)
+    assert ts.needs_original(config)
 
 
 @pytest.mark.parametrize("name", ["piva-noe.yaml", "dds-noe.yaml", "noe-eval-cameras.yaml"])
@@ -184,33 +188,35 @@ def test_eval_cameras_are_the_noe_protocol(name):
 def test_guidance_config_rejects_what_piva_guidance_cannot_do():
     base = {"source_prompt": SRC, "target_prompt": TGT}
     with pytest.raises(ValueError, match="view-dependent"):
-        core.guidance_config({**base, "view_dependent_prompting": True})
+        ts.guidance_config({**base, "view_dependent_prompting": True})
     with pytest.raises(ValueError, match="unknown piva-guidance settings: guidance_scle"):
-        core.guidance_config({**base, "guidance_scle": 7.5})
+        ts.guidance_config({**base, "guidance_scle": 7.5})
     with pytest.raises(ValueError, match="unknown guidance mode"):
-        core.guidance_config({**base, "mode": "vsd"})
+        ts.guidance_config({**base, "mode": "vsd"})
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ts.guidance_config({**base, "dtype": "fp8"})
     with pytest.raises(ValueError, match="source prompt"):
-        core.guidance_config({"target_prompt": TGT, "mode": "dds"})
-    assert not core.needs_original(core.guidance_config({"target_prompt": TGT, "mode": "sds"}))
-    assert not core.needs_original(core.guidance_config({**base, "mode": "dds", "same_latent": True}))
+        ts.guidance_config({"target_prompt": TGT, "mode": "dds"})
+    assert not ts.needs_original(ts.guidance_config({"target_prompt": TGT, "mode": "sds"}))
+    assert not ts.needs_original(ts.guidance_config({**base, "mode": "dds", "same_latent": True}))
 
 
 def test_yaml_section_has_every_guidance_field_with_its_default():
     """threestudio's Config takes GuidanceConfig's fields with the same defaults, so a new option reaches YAML."""
-    settings = {f.name: f.default for f in fields(core.GuidanceSettings)}
+    settings = {f.name: f.default for f in fields(ts.GuidanceSettings)}
     for f in fields(GuidanceConfig):
         assert f.name in settings and settings[f.name] == f.default, f.name
     extra = set(settings) - {f.name for f in fields(GuidanceConfig)}
     assert extra == {"pretrained_model_name_or_path", "controlnet_name_or_path", "dtype", "min_opacity",
                      "view_dependent_prompting"}
     base = {"source_prompt": SRC, "target_prompt": TGT}
-    assert core.guidance_config({**base, "pixel_gradient": "decoded"}).pixel_gradient == "decoded"
+    assert ts.guidance_config({**base, "pixel_gradient": "decoded"}).pixel_gradient == "decoded"
     with pytest.raises(ValueError, match="pixel_gradient 'pixels'"):
-        core.guidance_config({**base, "pixel_gradient": "pixels"})
+        ts.guidance_config({**base, "pixel_gradient": "pixels"})
     # threestudio builds its Config with OmegaConf.structured (omegaconf is in the dev set: no skip).
     from omegaconf import OmegaConf
 
-    node = OmegaConf.structured(core.GuidanceSettings(**base, pixel_gradient="decoded"))
+    node = OmegaConf.structured(ts.GuidanceSettings(**base, pixel_gradient="decoded"))
     assert node.pixel_gradient == "decoded" and tuple(node.t_range) == (0.02, 0.98)
 
 
@@ -219,14 +225,14 @@ def test_yaml_section_has_every_guidance_field_with_its_default():
 
 def test_channels_first_and_depth_conversion():
     rgb = torch.rand(2, 5, 7, 3)
-    x = core.channels_first(rgb)
+    x = channels_first(rgb)
     assert x.shape == (2, 3, 5, 7) and x.is_contiguous() and torch.equal(x[1, 2], rgb[1, :, :, 2])
     with pytest.raises(ValueError, match=r"channels-last \[B,H,W,3\]"):
-        core.channels_first(x)
+        channels_first(x)
 
     depth = torch.full((1, 2, 2, 1), 3.0)
     opacity = torch.tensor([1.0, 0.8, 0.5, 0.2]).view(1, 2, 2, 1)
-    d = core.depth_for_control(depth, opacity, min_opacity=0.5)
+    d = depth_for_control(depth, opacity, min_opacity=0.5)
     assert d.shape == (1, 1, 2, 2)
     # threestudio's depth is sum(w * t): divided by the opacity it is the surface distance; thin pixels are background.
     assert d.flatten().tolist() == [3.0, pytest.approx(3.75), 6.0, math.inf]
@@ -234,7 +240,7 @@ def test_channels_first_and_depth_conversion():
 
 
 def direct_depth(depth_hwc, opacity_hwc):
-    """The same conversion written out independently of core."""
+    """The same conversion written out independently of the glue."""
     d = torch.where(opacity_hwc >= 0.5, depth_hwc / opacity_hwc, torch.tensor(float("inf")))
     return d.permute(0, 3, 1, 2)
 
@@ -270,7 +276,7 @@ def run_both(glue, direct, mode, rgb, source, depth, opacity, noise):
 @pytest.mark.parametrize("mode,same_latent", [("sds", None), ("dds", False), ("dds", True)])
 def test_glue_equals_score_distillation_sds_dds(prior_2d, mode, same_latent):
     settings = {"mode": mode, "source_prompt": SRC, "target_prompt": TGT, "same_latent": same_latent}
-    glue = core.ChannelsLastGuidance.from_settings(settings, prior=prior_2d)
+    glue = ChannelsLastGuidance.from_settings(settings, prior=prior_2d)
     direct = ScoreDistillation(prior_2d, GuidanceConfig(mode=mode, source_prompt=SRC, target_prompt=TGT,
                                                         same_latent=same_latent))
     out, grad, ref, ref_grad = run_both(glue, direct, mode, *inputs())
@@ -282,8 +288,8 @@ def test_glue_equals_score_distillation_sds_dds(prior_2d, mode, same_latent):
 def test_glue_equals_score_distillation_piva_and_adapter_update(tiny_dir):
     settings = {"mode": "piva", "source_prompt": SRC, "target_prompt": TGT, "identity_weight": 0.4}
     priors = [DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu") for _ in range(2)]
-    glue = core.ChannelsLastGuidance.from_settings(settings, prior=priors[0])
-    direct = ScoreDistillation(priors[1], core.guidance_config(settings))
+    glue = ChannelsLastGuidance.from_settings(settings, prior=priors[0])
+    direct = ScoreDistillation(priors[1], ts.guidance_config(settings))
     for p in priors:  # same non-zero adapters on both, so the identity term is not trivially zero
         randomize_adapters(p.unet, 1)
         randomize_adapters(p.controlnet, 2)
@@ -309,7 +315,7 @@ def test_glue_equals_score_distillation_piva_and_adapter_update(tiny_dir):
 
     # Checkpoint round trip of the adapters (they are not threestudio modules).
     state = glue.adapter_state()
-    fresh = core.ChannelsLastGuidance.from_settings(
+    fresh = ChannelsLastGuidance.from_settings(
         settings, prior=DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu"))
     fresh.load_adapter_state(state)
     for name in ("source", "target"):
@@ -319,7 +325,7 @@ def test_glue_equals_score_distillation_piva_and_adapter_update(tiny_dir):
 
 
 def test_glue_errors_are_clear(prior_2d):
-    glue = core.ChannelsLastGuidance.from_settings({"mode": "dds", "source_prompt": SRC, "target_prompt": TGT},
+    glue = ChannelsLastGuidance.from_settings({"mode": "dds", "source_prompt": SRC, "target_prompt": TGT},
                                                    prior=prior_2d)
     rgb = torch.rand(1, 32, 32, 3)
     with pytest.raises(ValueError, match="needs the original scene's render"):
@@ -332,39 +338,74 @@ def test_glue_errors_are_clear(prior_2d):
 # -- Blender-layout data -------------------------------------------------------------
 
 
-def test_read_views_and_rays(tmp_path):
+def write_views(root: Path, width: int, height: int, meta: dict, azimuths=(0.0, 90.0)) -> None:
+    """A Blender-layout split: top half opaque red, bottom half transparent."""
     import imageio.v3 as iio
 
-    size, fov = 8, 40.0
     frames = []
-    for i, az in enumerate((0.0, 90.0)):
-        img = np.zeros((size, size, 4), np.uint8)
+    for i, az in enumerate(azimuths):
+        img = np.zeros((height, width, 4), np.uint8)
         img[..., 0] = 255
-        img[: size // 2, :, 3] = 255  # top half opaque red, bottom half transparent
-        iio.imwrite(tmp_path / f"r_{i}.png", img)
-        frames.append({"file_path": f"./r_{i}", "transform_matrix": orbit_c2w(az, 30.0, 4.0).tolist()})
-    (tmp_path / "transforms_train.json").write_text(json.dumps({"camera_angle_x": math.radians(fov), "frames": frames}))
+        img[: height // 2, :, 3] = 255
+        iio.imwrite(root / f"r_{i}.png", img)
+        frames.append({"file_path": f"./r_{i}", "transform_matrix": look_at(az, 30.0, 4.0).tolist()})
+    (root / meta.pop("_name", "transforms_train.json")).write_text(json.dumps({**meta, "frames": frames}))
 
-    views = core.read_views(tmp_path, "train")
-    assert (views.width, views.height) == (size, size) and len(views.image_paths) == 2
-    fx = 0.5 * size / math.tan(math.radians(fov) / 2)
-    assert torch.allclose(views.intrinsics[0], torch.tensor([fx, fx, size / 2, size / 2]))
-    o, d = core.image_rays(views.c2w[1], views.intrinsics[1], size, size)
+
+def test_read_views_and_rays(tmp_path):
+    size, fov = 8, 40.0
+    write_views(tmp_path, size, size, {"camera_angle_x": math.radians(fov)})
+    views = blender.read_views(tmp_path, "train")
+    cam = views.cameras[1]
+    assert (cam.width, cam.height) == (size, size) and len(views.image_paths) == 2
+    assert cam.focal == pytest.approx(0.5 * size / math.tan(math.radians(fov) / 2))
+    np.testing.assert_allclose(cam.c2w, look_at(90.0, 30.0, 4.0))
+    o, d = blender.image_rays(cam)
     assert o.shape == d.shape == (size, size, 3)
     assert torch.allclose(d.norm(dim=-1), torch.ones(size, size))
     # The four centre pixels' rays pass the origin symmetrically: their mean points at it.
     centre = d[size // 2 - 1 : size // 2 + 1, size // 2 - 1 : size // 2 + 1].reshape(-1, 3).mean(0)
-    eye = torch.tensor(orbit_c2w(90.0, 30.0, 4.0)[:3, 3], dtype=torch.float32)
+    eye = torch.tensor(look_at(90.0, 30.0, 4.0)[:3, 3], dtype=torch.float32)
     assert torch.allclose(torch.nn.functional.normalize(centre, dim=0), -eye / eye.norm(), atol=1e-6)
     # Top rows of the image look up (+z in threestudio's z-up world).
     assert d[0, :, 2].mean() > d[-1, :, 2].mean()
 
-    rgb, alpha = core.load_rgba(views.image_paths[0], background=(1.0, 1.0, 1.0))
+    rgb, alpha = blender.load_rgba(views.image_paths[0], background=(1.0, 1.0, 1.0))
     assert torch.equal(rgb[0, 0], torch.tensor([1.0, 0.0, 0.0])) and torch.equal(rgb[-1, 0], torch.ones(3))
     assert alpha[0, 0, 0] == 1 and alpha[-1, 0, 0] == 0
 
     with pytest.raises(FileNotFoundError, match="transforms_val.json"):
-        core.read_views(tmp_path / "nowhere", "val")
+        blender.read_views(tmp_path / "nowhere", "val")
+
+
+def test_training_rays_are_the_views_rays(tmp_path):
+    """Random training rays must be the whole-view (evaluation) rays at the same pixels, also after downsampling."""
+    width, height, fov = 8, 6, 40.0
+    write_views(tmp_path, width, height, {"camera_angle_x": math.radians(fov)})
+    for downsample in (1, 2):
+        images = blender.PosedImages(tmp_path, "train", (1.0, 1.0, 1.0), downsample)
+        assert (images.width, images.height) == (width // downsample, height // downsample)
+        assert images.cameras[0].focal == pytest.approx(0.5 * width / math.tan(math.radians(fov) / 2) / downsample)
+        batch = images.random_rays(64, torch.Generator().manual_seed(0))
+        assert len(set(batch["index"].tolist())) == 2  # both views are drawn
+        for j in range(64):
+            k, v, u = (int(batch[key][j]) for key in ("index", "v", "u"))
+            o, d = images.rays(k)
+            assert torch.allclose(batch["rays_o"][j], o[v, u]) and torch.allclose(batch["rays_d"][j], d[v, u], atol=1e-6)
+            assert torch.equal(batch["rgb"][j], images.rgb[k, v, u]) and torch.equal(batch["mask"][j], images.mask[k, v, u])
+
+
+def test_nerfstudio_intrinsics_are_read_and_unsupported_cameras_refused(tmp_path):
+    w, h, f = 8, 6, 9.0
+    write_views(tmp_path, w, h, {"_name": "transforms.json", "fl_x": f, "fl_y": f, "cx": w / 2, "cy": h / 2,
+                                 "camera_model": "OPENCV"})
+    assert blender.read_views(tmp_path, "train").cameras[0].focal == pytest.approx(f)
+    write_views(tmp_path, w, h, {"_name": "transforms.json", "fl_x": f, "fl_y": f, "cx": w / 2 + 1, "cy": h / 2})
+    with pytest.raises(ValueError, match="centred pinholes with square pixels"):
+        blender.read_views(tmp_path, "train")
+    write_views(tmp_path, w, h, {"_name": "transforms.json", "fl_x": f, "fl_y": f, "cx": w / 2, "cy": h / 2, "k1": 0.1})
+    with pytest.raises(ValueError, match="lens distortion"):
+        blender.read_views(tmp_path, "train")
 
 
 # -- imports without threestudio -----------------------------------------------------
@@ -384,13 +425,16 @@ def test_threestudio_modules_fail_with_one_line(module):
     assert "python -m piva.threestudio.install" in message
 
 
-def test_package_core_and_installer_import_without_threestudio():
+def test_package_glue_and_installer_import_without_threestudio():
+    """The threestudio-free modules must import anywhere, and no front end may import another."""
     out = subprocess.run(
-        [sys.executable, "-c", "import sys, piva.threestudio, piva.threestudio.core, piva.threestudio.install; "
-                               "print('threestudio' in sys.modules)"],
+        [sys.executable, "-c", "import sys, piva.threestudio, piva.threestudio.config, piva.threestudio.glue, "
+                               "piva.threestudio.blender, piva.threestudio.install, piva.threestudio.backend; "
+                               "print(sorted(m for m in ('threestudio', 'piva.nerfstudio', 'piva.toyworld', "
+                               "'piva.image') if m in sys.modules))"],
         capture_output=True, text=True, check=True, cwd=REPO,
     )
-    assert out.stdout.strip() == "False"  # none of them imports threestudio
+    assert out.stdout.strip() == "[]"  # none of them imports threestudio or another front end
 
 
 # -- installer ---------------------------------------------------------------------------
@@ -486,6 +530,8 @@ def test_version_ranges(tmp_path):
     assert install.compatible("~=4.28", ">=4.40")
     assert install.compatible("!=4.40.0", ">=4.40")
     assert not install.compatible("<4.40", ">=4.40")
+    assert install.compatible("==4.*", ">=4.40") and not install.compatible("==3.*", ">=4.40")
+    assert install.compatible(">0.32", ">=0.32") and not install.compatible("<=0.31.9", ">=0.32")
     pins = install.read_pins(fake_threestudio(tmp_path / "ts") / "requirements.txt")
     assert pins == {"diffusers": "<0.20", "transformers": "==4.28.1"}
 

@@ -6,7 +6,6 @@ as nerfstudio's Blender parser and threestudio expect.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,8 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from piva.metrics.cameras import orbit_c2w as look_at  # one camera convention for the whole project
+from piva.data.cameras import look_at  # noqa: F401 (re-exported: one camera convention for the whole project)
+from piva.io import atomic_write_json
 
 
 @dataclass
@@ -78,6 +78,7 @@ def write_blender_dataset(
     import imageio.v3 as iio
 
     out = Path(out_dir)
+    transforms = {}
     for split, cams in splits.items():
         (out / split).mkdir(parents=True, exist_ok=True)
         frames = []
@@ -95,9 +96,11 @@ def write_blender_dataset(
             np.savez_compressed(out / split / f"r_{i}_exact.npz", **{k: np.asarray(v) for k, v in r.items()})
             frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": cam.c2w.tolist()})
         fov = cams[0].fov_y if cams else 40.0
-        (out / f"transforms_{split}.json").write_text(
-            json.dumps({"camera_angle_x": math.radians(fov), "frames": frames}, indent=2)
-        )
+        transforms[split] = {"camera_angle_x": math.radians(fov), "frames": frames}
+    # The transforms files are written last and atomically: callers take `transforms_train.json`
+    # as the sign of a finished dataset, so a killed run must not leave it before every image.
+    for split, data in transforms.items():
+        atomic_write_json(out / f"transforms_{split}.json", data)
     if meta is not None:
-        (out / "scene.json").write_text(json.dumps(meta, indent=2))
+        atomic_write_json(out / "scene.json", meta)
     return out

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -18,6 +16,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from piva.io import atomic_path
 from piva.prior.loading import DiffusionPrior
 
 SOURCE = "source"
@@ -88,6 +87,7 @@ class DualAdapters:
         use_controlnet: bool = True,
         alpha: Optional[float] = None,
     ) -> None:
+        from diffusers.training_utils import cast_training_params
         from peft import LoraConfig, inject_adapter_in_model
 
         if use_controlnet and prior.controlnet is None:
@@ -102,7 +102,7 @@ class DualAdapters:
             r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=ATTENTION_MODULES
         )
         for model in self.models.values():
-            if get_lora_keys(model, SOURCE):
+            if lora_shapes(model, SOURCE):
                 raise ValueError("this prior already carries piva adapters: load a fresh DiffusionPrior for each edit")
             for name in (SOURCE, TARGET):
                 with warnings.catch_warnings():
@@ -110,10 +110,8 @@ class DualAdapters:
                     inject_adapter_in_model(config, model, adapter_name=name)
         # LoRA B starts at zero: both adapters begin as the base model (Alg. 1).
         self.parameters = {name: self._adapter_parameters(name) for name in (SOURCE, TARGET)}
-        for params in self.parameters.values():
-            for p in params:
-                p.data = p.data.float()
-                p.requires_grad_(True)
+        # peft marks both adapters trainable (the base stays frozen); train them in fp32 on a half-precision base.
+        cast_training_params(list(self.models.values()), torch.float32)
         self.optimizer = torch.optim.AdamW(
             [{"params": self.parameters[SOURCE], "name": SOURCE}, {"params": self.parameters[TARGET], "name": TARGET}],
             lr=lr,
@@ -199,8 +197,7 @@ class DualAdapters:
             control = torch.cat([source_depth_control, depth_control])
         t = torch.randint(0, prior.num_train_timesteps, (2 * b,), generator=generator, device="cpu").to(prior.device)
         noise = torch.randn(x0.shape, generator=generator, device="cpu").to(prior.device, prior.dtype)
-        a = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
-        z_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(prior.dtype)
+        z_t = prior.add_noise(x0, noise, t)
         for m in self.models.values():
             m.train()
         try:
@@ -255,29 +252,20 @@ class DualAdapters:
         from diffusers import StableDiffusionPipeline
         from safetensors.torch import save_file
 
-        directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        for name in (SOURCE, TARGET):
-            sub = tmp / name
-            sub.mkdir(parents=True, exist_ok=True)
-            parts = self.state_dicts(name)
-            StableDiffusionPipeline.save_lora_weights(sub, unet_lora_layers=parts["unet"], weight_name=UNET_WEIGHTS)
-            if "controlnet" in parts:
-                tensors = {f"controlnet.{k}": v.contiguous() for k, v in parts["controlnet"].items()}
-                (sub / CONTROLNET_WEIGHTS).parent.mkdir(exist_ok=True)
-                save_file(tensors, str(sub / CONTROLNET_WEIGHTS))
-            (sub / "piva_adapter.json").write_text(
-                json.dumps({"adapter": name, "rank": self.rank, "base_model": self.prior.name}, indent=2)
-            )
-        # Swap in whole: a kill mid-save leaves the previous adapters intact.
-        old = directory.with_name(directory.name + ".old")
-        if directory.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-        return directory
+        with atomic_path(directory) as tmp:  # a kill mid-save leaves the previous adapters intact
+            for name in (SOURCE, TARGET):
+                sub = tmp / name
+                sub.mkdir(parents=True, exist_ok=True)
+                parts = self.state_dicts(name)
+                StableDiffusionPipeline.save_lora_weights(sub, unet_lora_layers=parts["unet"], weight_name=UNET_WEIGHTS)
+                if "controlnet" in parts:
+                    tensors = {f"controlnet.{k}": v.contiguous() for k, v in parts["controlnet"].items()}
+                    (sub / CONTROLNET_WEIGHTS).parent.mkdir(exist_ok=True)
+                    save_file(tensors, str(sub / CONTROLNET_WEIGHTS))
+                (sub / "piva_adapter.json").write_text(
+                    json.dumps({"adapter": name, "rank": self.rank, "base_model": self.prior.name}, indent=2)
+                )
+        return Path(directory)
 
     def load(self, directory: Union[str, Path]) -> None:
         """Load adapters written by `save` (checks that they fit this model)."""
@@ -307,12 +295,8 @@ class DualAdapters:
                 set_peft_model_state_dict(self.models[key], state, adapter_name=name)
 
 
-def get_lora_keys(model: torch.nn.Module, name: str) -> list[str]:
-    """peft-format keys (adapter name stripped) of one adapter."""
-    return list(lora_shapes(model, name))
-
-
 def lora_shapes(model: torch.nn.Module, name: str) -> dict[str, tuple]:
+    """peft-format keys (adapter name stripped) of one adapter -> weight shape."""
     suffix = f".{name}.weight"
     return {
         k.replace(suffix, ".weight"): tuple(p.shape)

@@ -15,6 +15,36 @@ from piva.prior.loading import DiffusionPrior
 Mode = Literal["piva", "dds", "sds"]
 MODES = ("piva", "dds", "sds")
 
+_EDITED, _ORIGINAL = "edited", "original"  # which noisy latent a row of the UNet batch reads
+
+# The base model's rows for each form of the delta term: name -> (noisy latent, prompt, adapter route).
+_ROWS = {
+    "sds": {"target": (_EDITED, "target", BASE), "uncond": (_EDITED, "uncond", BASE)},
+    # Same z_t in both branches: the unconditional terms of the two CFGs cancel exactly.
+    "dds_same_latent": {"target": (_EDITED, "target", BASE), "source": (_EDITED, "source", BASE)},
+    "dds": {
+        "target": (_EDITED, "target", BASE),
+        "uncond": (_EDITED, "uncond", BASE),
+        "source": (_ORIGINAL, "source", BASE),
+        "source_uncond": (_ORIGINAL, "uncond", BASE),
+    },
+}
+# PiVa's identity term (eq. 9) on the edited z_t: psi = source adapter, phi = target adapter.
+_ADAPTER_ROWS = {"psi": (_EDITED, "source", SOURCE), "phi": (_EDITED, "target", TARGET)}
+_ADAPTER_UNCOND_ROWS = {"psi_uncond": (_EDITED, "uncond", SOURCE), "phi_uncond": (_EDITED, "uncond", TARGET)}
+
+
+def _cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    return uncond + scale * (cond - uncond)
+
+
+# The base model's term of the score, before w(t): eq. 2 (SDS) or eq. 4 (DDS).
+_DELTA = {
+    "sds": lambda e, s, noise: _cfg(e["target"], e["uncond"], s) - noise,
+    "dds_same_latent": lambda e, s, noise: s * (e["target"] - e["source"]),
+    "dds": lambda e, s, noise: _cfg(e["target"], e["uncond"], s) - _cfg(e["source"], e["source_uncond"], s),
+}
+
 
 @dataclass
 class GuidanceConfig:
@@ -90,6 +120,7 @@ class ScoreDistillation:
         )
         emb = prior.encode_prompts(["", config.source_prompt, config.target_prompt])
         self.uncond_text, self.source_text, self.target_text = emb[0:1], emb[1:2], emb[2:3]
+        self._variant = "sds" if config.mode == "sds" else "dds_same_latent" if config.uses_same_latent else "dds"
         self.adapters: Optional[DualAdapters] = None
         if config.mode == "piva":
             self.adapters = DualAdapters(
@@ -128,8 +159,13 @@ class ScoreDistillation:
         return F.interpolate(x, size=size, mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
 
     def latents_of(
-        self, rgb: Optional[torch.Tensor], latents: Optional[torch.Tensor], what: str, generator=None
+        self,
+        rgb: Optional[torch.Tensor],
+        latents: Optional[torch.Tensor],
+        what: str,
+        generator: Optional[torch.Generator] = None,
     ) -> torch.Tensor:
+        """Latents of an image given either way (encoded with gradients, so they reach the renderer)."""
         if (rgb is None) == (latents is None):
             raise ValueError(f"pass exactly one of the {what} image or its latents")
         if latents is not None:
@@ -137,6 +173,7 @@ class ScoreDistillation:
         return self.prior.encode_images(self.check_rgb(rgb, what), generator)
 
     def control_of(self, depth: Optional[torch.Tensor], z: torch.Tensor) -> Optional[torch.Tensor]:
+        """The ControlNet's depth image at the pixel size of `z`; None when the adapters use no ControlNet."""
         if self.adapters is None or not self.adapters.use_controlnet:
             return None
         if depth is None:
@@ -170,84 +207,90 @@ class ScoreDistillation:
         decoded = cfg.pixel_gradient == "decoded" and rgb is not None
         with torch.set_grad_enabled(torch.is_grad_enabled() and not decoded):  # decoded: no encoder graph needed
             z = self.latents_of(rgb, latents, "edited", generator)
-        b = z.shape[0]
         t = self.schedule.sample(step, generator) if t is None else int(t)
         if noise is None:
             noise = torch.randn(z.shape, generator=generator, device="cpu")
         noise = noise.to(prior.device, z.dtype)
-        tt = torch.full((b,), t, device=prior.device, dtype=torch.long)
-        alpha_bar = prior.alphas_cumprod[t]
-        z_t = (alpha_bar.sqrt() * z.detach() + (1 - alpha_bar).sqrt() * noise).to(prior.dtype)
 
-        # Rows of the single UNet call: (latent, text, route).
-        rows: list[tuple[torch.Tensor, torch.Tensor, str]] = []
+        # Same noise and t in every branch (eq. 4).
+        noisy = {_EDITED: prior.add_noise(z.detach(), noise, t)}
+        if self._variant == "dds":
+            noisy[_ORIGINAL] = prior.add_noise(self._source_latents(z, source_rgb, source_latents, generator), noise, t)
+        eps = self._predict(self._rows(noisy), t, depth, z)
 
-        def add(lat, text, route=BASE) -> slice:
-            rows.append((lat, text.expand(b, -1, -1), route))
-            return slice((len(rows) - 1) * b, len(rows) * b)
-
-        if cfg.mode == "sds":
-            tgt, unc = add(z_t, self.target_text), add(z_t, self.uncond_text)
-        elif cfg.uses_same_latent:
-            # Same z_t for both branches: the unconditional terms of the two CFGs cancel
-            # exactly, so DDS needs only the two conditional rows.
-            tgt, src = add(z_t, self.target_text), add(z_t, self.source_text)
-        else:
-            z_src = self.latents_of(source_rgb, source_latents, "source", generator).detach()
-            if z_src.shape != z.shape:
-                raise ValueError(f"source latents {tuple(z_src.shape)} do not match edited latents {tuple(z.shape)}")
-            zs_t = (alpha_bar.sqrt() * z_src + (1 - alpha_bar).sqrt() * noise).to(prior.dtype)
-            tgt, unc = add(z_t, self.target_text), add(z_t, self.uncond_text)
-            src, src_unc = add(zs_t, self.source_text), add(zs_t, self.uncond_text)
-        if self.adapters is not None:
-            psi = add(z_t, self.source_text, SOURCE)
-            phi = add(z_t, self.target_text, TARGET)
-            if cfg.adapter_guidance_scale != 1.0:
-                psi_unc, phi_unc = add(z_t, self.uncond_text, SOURCE), add(z_t, self.uncond_text, TARGET)
-
-        lat = torch.cat([r[0] for r in rows])
-        text = torch.cat([r[1] for r in rows])
-        routes = [r[2] for r in rows for _ in range(b)]
-        tb = tt.repeat(len(rows))
-        with torch.no_grad():
-            if self.adapters is not None:
-                adapter_rows = sum(r != BASE for r in routes) // b
-                control = self.control_of(depth, z)
-                control = control.repeat(adapter_rows, 1, 1, 1) if control is not None else None
-                out = self.adapters.predict(lat, tb, text, routes, control)
-            else:
-                out = prior.unet(lat, tb, encoder_hidden_states=text, return_dict=False)[0]
-            eps = prior.to_epsilon(out, lat, tb).float()
-
-        s = cfg.guidance_scale
-        if cfg.mode == "sds":
-            score = eps[unc] + s * (eps[tgt] - eps[unc]) - noise.float()
-        elif cfg.uses_same_latent:
-            score = s * (eps[tgt] - eps[src])
-        else:
-            score = (eps[unc] + s * (eps[tgt] - eps[unc])) - (eps[src_unc] + s * (eps[src] - eps[src_unc]))
+        score = _DELTA[self._variant](eps, cfg.guidance_scale, noise.float())
         diagnostics = {"t": t, "delta_norm": score.norm().item()}
         if self.adapters is not None:
-            sa = cfg.adapter_guidance_scale
-            e_psi, e_phi = eps[psi], eps[phi]
-            if sa != 1.0:
-                e_psi = eps[psi_unc] + sa * (e_psi - eps[psi_unc])
-                e_phi = eps[phi_unc] + sa * (e_phi - eps[phi_unc])
-            reg = e_psi - e_phi
+            reg = self._identity(eps)
             diagnostics["identity_norm"] = reg.norm().item()
             score = score + cfg.identity_weight * reg
-        w = sds_weight(prior.alphas_cumprod, torch.tensor(t, device=prior.device))
-        grad = torch.nan_to_num(w * score)
+        grad = torch.nan_to_num(sds_weight(prior.alphas_cumprod, torch.tensor(t, device=prior.device)) * score)
         diagnostics["grad_norm"] = grad.norm().item()
-        if decoded:
-            with torch.no_grad():
-                push = prior.decode_latents(z) - prior.decode_latents(z - grad.to(z))
-                if push.shape[-2:] != rgb.shape[-2:]:
-                    push = F.interpolate(push, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
-            loss = (push.to(rgb) * rgb).sum() / b
-        else:
-            loss = (grad.detach() * z.float()).sum() / b
+        loss = self._decoded_loss(grad, z, rgb) if decoded else (grad * z.float()).sum() / z.shape[0]
         return GuidanceOutput(loss=loss, grad=grad.detach(), t=t, diagnostics=diagnostics)
+
+    def _source_latents(
+        self,
+        z: torch.Tensor,
+        rgb: Optional[torch.Tensor],
+        latents: Optional[torch.Tensor],
+        generator: Optional[torch.Generator],
+    ) -> torch.Tensor:
+        """The original's latents, for DDS with the true source z_t."""
+        z_src = self.latents_of(rgb, latents, "source", generator).detach()
+        if z_src.shape != z.shape:
+            raise ValueError(f"source latents {tuple(z_src.shape)} do not match edited latents {tuple(z.shape)}")
+        return z_src
+
+    def _rows(self, noisy: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
+        """name -> (noisy latent, text, adapter route): the rows of the one batched call this step needs."""
+        text = {"uncond": self.uncond_text, "source": self.source_text, "target": self.target_text}
+        needed = dict(_ROWS[self._variant])
+        if self.adapters is not None:
+            needed.update(_ADAPTER_ROWS)
+            if self.config.adapter_guidance_scale != 1.0:
+                needed.update(_ADAPTER_UNCOND_ROWS)
+        b = noisy[_EDITED].shape[0]
+        return {name: (noisy[lat], text[p].expand(b, -1, -1), route) for name, (lat, p, route) in needed.items()}
+
+    @torch.no_grad()
+    def _predict(
+        self,
+        rows: dict[str, tuple[torch.Tensor, torch.Tensor, str]],
+        t: int,
+        depth: Optional[torch.Tensor],
+        z: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """One UNet (+ ControlNet/adapters) call over all rows; returns each row's noise prediction (fp32)."""
+        prior, b = self.prior, z.shape[0]
+        lat = torch.cat([r[0] for r in rows.values()])
+        text = torch.cat([r[1] for r in rows.values()])
+        routes = [r[2] for r in rows.values() for _ in range(b)]
+        tb = torch.full((lat.shape[0],), t, device=prior.device, dtype=torch.long)
+        if self.adapters is not None:
+            control = self.control_of(depth, z)
+            if control is not None:
+                control = control.repeat(sum(r[2] != BASE for r in rows.values()), 1, 1, 1)
+            out = self.adapters.predict(lat, tb, text, routes, control)
+        else:
+            out = prior.unet(lat, tb, encoder_hidden_states=text, return_dict=False)[0]
+        eps = prior.to_epsilon(out, lat, tb).float()
+        return dict(zip(rows, eps.split(b)))
+
+    def _identity(self, eps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """eps_psi - eps_phi of eq. 9, each adapter with its own CFG (1.0: conditional rows only)."""
+        s = self.config.adapter_guidance_scale
+        if s == 1.0:
+            return eps["psi"] - eps["phi"]
+        return _cfg(eps["psi"], eps["psi_uncond"], s) - _cfg(eps["phi"], eps["phi_uncond"], s)
+
+    def _decoded_loss(self, grad: torch.Tensor, z: torch.Tensor, rgb: torch.Tensor) -> torch.Tensor:
+        """pixel_gradient="decoded": d loss / d rgb = D(z) - D(z - grad), bypassing the encoder's Jacobian."""
+        with torch.no_grad():
+            push = self.prior.decode_latents(z) - self.prior.decode_latents(z - grad.to(z))
+            if push.shape[-2:] != rgb.shape[-2:]:
+                push = F.interpolate(push, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+        return (push.to(rgb) * rgb).sum() / z.shape[0]
 
     # -- the adapters (eq. 7, 8) ------------------------------------------------
     def update_adapters(
@@ -261,7 +304,7 @@ class ScoreDistillation:
         source_depth: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
     ) -> dict:
-        """Train the source adapter on the ORIGINAL render and the target adapter on the CURRENT one."""
+        """Train the source adapter on the _ORIGINAL render and the target adapter on the CURRENT one."""
         if self.adapters is None:
             return {}
         with torch.no_grad():

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -14,7 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from piva.data.images import save_image_grid
 from piva.guidance import GuidanceConfig, ScoreDistillation
+from piva.io import atomic_write_json
 from piva.prior import DiffusionPrior
 
 
@@ -50,24 +50,6 @@ def load_image(path: Union[str, Path], short_side: int, multiple: int) -> torch.
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
-def to_pil(rgb: torch.Tensor) -> Image.Image:
-    arr = (rgb[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(arr)
-
-
-def save_atomic(image: Image.Image, path: Path) -> None:
-    """Write then rename: a kill mid-write never leaves a broken file behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def write_json_atomic(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def edit_image(
     image: Union[str, Path, torch.Tensor],
     prior: DiffusionPrior,
@@ -100,7 +82,7 @@ def edit_image(
     every = config.snapshot_every or max(1, math.ceil(config.steps / 8))
 
     history: list[dict] = []
-    snapshots = [to_pil(source)]
+    snapshots = [source.detach().cpu()]  # [1,3,H,W] each: the progress strip, left to right
     record = {
         "input": str(image) if not isinstance(image, torch.Tensor) else "<tensor>",
         "guidance": sd.settings(),
@@ -114,14 +96,10 @@ def edit_image(
     def write_outputs() -> None:
         with torch.no_grad():
             result = prior.decode_latents(z.detach())
-        save_atomic(to_pil(result), out / "edited.png")
-        strip = snapshots + [to_pil(result)]
-        w, h = strip[0].size
-        canvas = Image.new("RGB", (w * len(strip), h))
-        for i, im in enumerate(strip):
-            canvas.paste(im, (i * w, 0))
-        save_atomic(canvas, out / "progress.png")
-        write_json_atomic(record, out / "run.json")
+        # Each file is written atomically: a kill (or a second Ctrl-C) never leaves half of one.
+        save_image_grid(out / "edited.png", [result])
+        save_image_grid(out / "progress.png", [snapshots + [result]])
+        atomic_write_json(out / "run.json", record)
 
     start = time.perf_counter()
     bar = tqdm(range(config.steps), desc=f"{guidance.mode} edit", disable=not progress)
@@ -130,16 +108,16 @@ def edit_image(
             o = sd.step(latents=z, source_latents=z_src, step=i, generator=generator)
             opt.zero_grad(set_to_none=True)
             o.loss.backward()
+            entry = {"step": i, **o.diagnostics, "lr": sched.get_last_lr()[0]}  # the rate this step uses
             opt.step()
             sched.step()
-            entry = {"step": i, **o.diagnostics, "lr": sched.get_last_lr()[0]}
             entry.update(sd.update_adapters(latents=z.detach(), source_latents=z_src, generator=generator))
             history.append(entry)
             record["steps_done"] = i + 1
             bar.set_postfix(t=o.t, grad=f"{o.diagnostics['grad_norm']:.3f}")
             if (i + 1) % every == 0 and i + 1 < config.steps:
                 with torch.no_grad():
-                    snapshots.append(to_pil(prior.decode_latents(z.detach())))
+                    snapshots.append(prior.decode_latents(z.detach()).cpu())
     except KeyboardInterrupt:
         record["interrupted"] = True
     finally:

@@ -3,8 +3,9 @@
 Scores edited renders against the ORIGINAL scene's renders at the same cameras.
 The models behind CLIP and LPIPS are loaded only from local files or the normal
 caches; when they are missing the metric is reported as unavailable with the reason,
-never computed from random weights. In the toy world the toy judge stands in for
-CLIP and every figure it produces is labelled as such.
+never computed from random weights. In the toy world the toy judge
+(`piva.toyworld.judge.load_toy_judge`, an `ImageTextModel`) stands in for CLIP and
+every figure it produces is labelled as such.
 """
 
 from __future__ import annotations
@@ -18,9 +19,17 @@ import torch.nn.functional as F
 
 from piva.metrics import clip_consistency, clip_direction, clip_score, psnr, ssim
 
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+"""torchvision's AlexNet weights, which LPIPS (here and in nerfacto) loads from the torch hub cache."""
+
 
 class MetricUnavailable(RuntimeError):
     """A metric's model weights are not on this machine."""
+
+
+def alexnet_cached() -> bool:
+    """Whether LPIPS can be built without a download (it would otherwise fetch AlexNet at start-up)."""
+    return (Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE).is_file()
 
 
 @dataclass
@@ -89,27 +98,8 @@ def load_clip(
     return ImageTextModel(f"open_clip {model} ({pretrained})", images, texts, is_clip=True)
 
 
-def load_toy_judge() -> ImageTextModel:
-    """The toy world's judge in CLIP's place (labelled: it is not CLIP)."""
-    from piva.toyworld.judge import create_judge, normalize
-
-    judge, _, tok = create_judge()
-
-    @torch.no_grad()
-    def images(rgb: torch.Tensor) -> torch.Tensor:
-        return judge.encode_image(normalize(rgb.float())).float()
-
-    @torch.no_grad()
-    def texts(captions: Sequence[str]) -> torch.Tensor:
-        return judge.encode_text(tok(list(captions))).float()
-
-    return ImageTextModel("toy-world judge (tiny open_clip trained on toy renders; NOT CLIP)", images, texts, False)
-
-
 def load_lpips(net: str = "alex", device: str = "cpu") -> tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """torchmetrics' LPIPS (AlexNet; inputs in [0,1], scaled to [-1,1] inside), cached weights only."""
-    from piva.nerfstudio.piva_model import ALEXNET_FILE, alexnet_cached
-
     if net != "alex":
         raise MetricUnavailable(f"LPIPS net {net!r}: only 'alex' (the Noe protocol) is supported")
     if not alexnet_cached():

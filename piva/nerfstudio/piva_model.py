@@ -11,17 +11,12 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Tuple, Type
 
 import torch
 from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
 
-ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
-
-
-def alexnet_cached() -> bool:
-    return (Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE).is_file()
+from piva.metrics.evaluate import ALEXNET_FILE, alexnet_cached
 
 
 class UnavailableLPIPS(torch.nn.Module):
@@ -66,11 +61,12 @@ class PivaNerfactoModelConfig(NerfactoModelConfig):
     grey, Noe's white); overrides `background_color`. With nerfacto's default `last_sample` the
     background is the field's own colour at the far plane, so an edit can recolour it through the
     shared colour MLP; a fixed backdrop cannot drift."""
-    edit_geometry: bool = True
+    edit_geometry: Optional[bool] = None
     """False: the density (hash grid, density MLP, proposal networks) stays as captured and only
     the colour head trains, at the `fields` group's lr: for appearance edits (recolour, restyle).
-    Score distillation also descends by fading an object into its background, which no
-    colour-only edit can do (measured in the toy world, docs/toyworld.md)."""
+    None (default): False when the two prompts differ only in colour words ("a red car" -> "a blue
+    car"), else True. Score distillation also descends by fading an object into its background,
+    which no colour-only edit can do (measured in the toy world, docs/toyworld.md)."""
 
 
 class PivaNerfactoModel(NerfactoModel):
@@ -90,7 +86,7 @@ class PivaNerfactoModel(NerfactoModel):
 
     def get_param_groups(self):
         groups = super().get_param_groups()
-        if not self.config.edit_geometry:
+        if self.config.edit_geometry is False:
             colour = {id(p) for p in self.colour_parameters()}
             for p in self.parameters():
                 p.requires_grad_(id(p) in colour)

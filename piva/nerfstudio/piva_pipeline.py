@@ -17,63 +17,61 @@ and not the gap between a NeRF and a photo.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Type
+from typing import Any, Dict, Mapping, Optional, Type
 
 import torch
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from piva.guidance import GuidanceConfig, ScoreDistillation
+from piva.guidance.prompts import is_colour_only_edit
 from piva.prior import DEFAULT_CONTROLNET, DEFAULT_MODEL, DiffusionPrior
 
 STATE_PREFIX = "piva."
 
 
+def edit_start_step(pipeline_state: Mapping[str, Any]) -> Optional[int]:
+    """The trainer step a piva edit started from, read from a checkpoint's pipeline state (None: not a piva edit)."""
+    meta = pipeline_state.get(STATE_PREFIX + "meta")
+    return None if meta is None else meta.get("edit_start_step")
+
+
+def _nerfstudio_guidance() -> GuidanceConfig:
+    """The method's score settings for captured scenes; each knob is declared once, in GuidanceConfig.
+
+    Differences from GuidanceConfig's defaults, by use: lambda 0.2 (the paper's real-scene value);
+    the timestep range anneals after 2000 edit steps; DDS uses the true latent of the original view,
+    which the pipeline has cached anyway (the paper's shared z_t does not stop at the target in the
+    toy world, docs/toyworld.md; `--pipeline.guidance.same-latent True` restores it)."""
+    return GuidanceConfig(identity_weight=0.2, anneal_step=2000, same_latent=False)
+
+
 @dataclass
 class PivaPipelineConfig(VanillaPipelineConfig):
     _target: Type = field(default_factory=lambda: PivaPipeline)
-    source_prompt: str = ""
-    """Describes the scene as captured, e.g. 'a photo of a man'."""
-    target_prompt: str = ""
-    """Describes the wanted edit, e.g. 'a photo of a man with a beard'."""
-    method: Literal["piva", "dds", "sds"] = "piva"
-    """Score: piva (DDS + identity regulariser), dds or sds."""
+    guidance: GuidanceConfig = field(default_factory=_nerfstudio_guidance)
+    """The score: prompts, mode (piva/dds/sds), lambda, CFG scales, adapters, timesteps."""
     diffusion_model: str = DEFAULT_MODEL
     """Base text-to-image model: hub id or local diffusers folder."""
     controlnet_model: str = DEFAULT_CONTROLNET
     """Depth ControlNet for the adapters: hub id or local folder (piva only)."""
-    identity_weight: float = 0.2
-    """lambda of eq. 9 (paper: 0.2 for real scenes)."""
-    guidance_scale: float = 7.5
-    """Classifier-free guidance of the base model."""
-    adapter_guidance_scale: float = 1.0
-    """Classifier-free guidance of the source/target adapters."""
-    adapter_rank: int = 4
-    """LoRA rank of each adapter."""
-    adapter_lr: float = 1e-4
-    """Learning rate of the adapters (their own AdamW)."""
-    same_latent: Optional[bool] = None
-    """DDS with the edited z_t for the original (paper's trick); None: on for piva, off for dds."""
-    t_range: Tuple[float, float] = (0.02, 0.98)
-    """Timestep range before annealing (fraction of T)."""
-    annealed_range: Tuple[float, float] = (0.02, 0.50)
-    """Timestep range after `anneal_after` edit steps."""
-    anneal_after: Optional[int] = 2000
-    """Edit steps before the timestep range anneals (None: never)."""
+    diffusion_dtype: Optional[str] = None
+    """float32, float16 or bfloat16 (default: fp32 on CPU, bf16/fp16 on GPU)."""
     render_short_side: int = 512
     """Short side of the rendered views fed to the diffusion model."""
     rays_per_chunk: int = 1 << 14
     """Rays rendered (and backpropagated) at once; lower it to save memory."""
     depth_far: float = float("inf")
-    """Depths beyond this count as background for the depth ControlNet."""
-    diffusion_dtype: Optional[str] = None
-    """float32, float16 or bfloat16 (default: fp32 on CPU, bf16/fp16 on GPU)."""
+    """Depths beyond this count as background for the depth ControlNet (so do pixels with opacity < 0.5)."""
     seed: int = 0
     """Seed of camera, timestep and noise sampling."""
-    pixel_gradient: Literal["encoder", "decoded"] = "encoder"
-    """How the latent gradient reaches the render: through the VAE encoder (paper) or as the decoded latent step."""
+
+    @property
+    def uses_controlnet(self) -> bool:
+        return self.guidance.mode == "piva" and self.guidance.use_controlnet
 
 
 class PivaPipeline(VanillaPipeline):
@@ -81,7 +79,11 @@ class PivaPipeline(VanillaPipeline):
 
     def __init__(self, config: PivaPipelineConfig, device: str, test_mode: str = "val", **kwargs) -> None:
         if test_mode == "val":  # training: fail on bad prompts before any loading
-            self.guidance_config(config).validate()
+            config.guidance.validate()
+        if getattr(config.model, "edit_geometry", False) is None:
+            # The method's rule, so every front end gets it: a colour-only edit keeps the geometry.
+            keep = is_colour_only_edit(config.guidance.source_prompt, config.guidance.target_prompt)
+            config.model = dataclasses.replace(config.model, edit_geometry=not keep)
         super().__init__(config, device, test_mode=test_mode, **kwargs)
         self.guidance: Optional[ScoreDistillation] = None
         self.original_rgb: Optional[torch.Tensor] = None  # [N,H,W,3] uint8, CPU
@@ -91,25 +93,6 @@ class PivaPipeline(VanillaPipeline):
         self._pending_adapters: Optional[dict] = None
 
     # -- configuration ----------------------------------------------------------
-    @staticmethod
-    def guidance_config(config: PivaPipelineConfig) -> GuidanceConfig:
-        return GuidanceConfig(
-            mode=config.method,
-            source_prompt=config.source_prompt,
-            target_prompt=config.target_prompt,
-            guidance_scale=config.guidance_scale,
-            adapter_guidance_scale=config.adapter_guidance_scale,
-            identity_weight=config.identity_weight,
-            same_latent=config.same_latent,
-            t_range=tuple(config.t_range),
-            annealed_range=tuple(config.annealed_range),
-            anneal_step=config.anneal_after,
-            adapter_rank=config.adapter_rank,
-            adapter_lr=config.adapter_lr,
-            use_controlnet=True,
-            pixel_gradient=config.pixel_gradient,
-        )
-
     def fingerprint(self) -> dict:
         """What identifies the scene and the diffusion set-up a checkpoint belongs to."""
         cams = self.datamanager.train_dataparser_outputs.cameras
@@ -118,9 +101,9 @@ class PivaPipeline(VanillaPipeline):
             "num_cameras": len(cams),
             "poses_sha1": hashlib.sha1(poses).hexdigest(),
             "diffusion_model": self.config.diffusion_model,
-            "controlnet_model": self.config.controlnet_model if self.config.method == "piva" else "",
-            "method": self.config.method,
-            "adapter_rank": self.config.adapter_rank,
+            "controlnet_model": self.config.controlnet_model if self.config.uses_controlnet else "",
+            "method": self.config.guidance.mode,
+            "adapter_rank": self.config.guidance.adapter_rank,
             # Which parameters train decides the optimizer groups a resume must find.
             "edit_geometry": getattr(self.model.config, "edit_geometry", True),
         }
@@ -177,18 +160,12 @@ class PivaPipeline(VanillaPipeline):
 
     # -- set-up on the first edit step -----------------------------------------
     def _setup_guidance(self) -> None:
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
-            self.config.diffusion_dtype or ""
-        )
-        CONSOLE.print(f"[piva] loading {self.config.diffusion_model}" + (
-            f" + {self.config.controlnet_model}" if self.config.method == "piva" else ""))
+        controlnet = self.config.controlnet_model if self.config.uses_controlnet else None
+        CONSOLE.print(f"[piva] loading {self.config.diffusion_model}" + (f" + {controlnet}" if controlnet else ""))
         prior = DiffusionPrior.from_pretrained(
-            self.config.diffusion_model,
-            controlnet=self.config.controlnet_model if self.config.method == "piva" else None,
-            device=self.device,
-            dtype=dtype,
+            self.config.diffusion_model, controlnet=controlnet, device=self.device, dtype=self.config.diffusion_dtype
         )
-        self.guidance = ScoreDistillation(prior, self.guidance_config(self.config))
+        self.guidance = ScoreDistillation(prior, self.config.guidance)
         if self._pending_adapters is not None:
             if self.guidance.adapters is not None:
                 self.guidance.adapters.load_state(self._pending_adapters)

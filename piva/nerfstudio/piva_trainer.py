@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Type
@@ -10,6 +9,9 @@ from typing import Type
 import torch
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils.rich_utils import CONSOLE
+
+from piva.io import atomic_torch_save
+from piva.nerfstudio.runs import latest_checkpoint
 
 
 @dataclass
@@ -21,23 +23,14 @@ def _fail(message: str) -> None:
     raise SystemExit(f"piva: error: {message}")
 
 
-def latest_checkpoint(directory: Path) -> Path:
-    steps = sorted(int(p.stem.split("-")[1]) for p in directory.glob("step-*.ckpt"))
-    if not steps:
-        _fail(f"no step-*.ckpt in {directory}: point --load-dir at a run's nerfstudio_models folder")
-    return directory / f"step-{steps[-1]:09d}.ckpt"
-
-
 class PivaTrainer(Trainer):
     config: PivaTrainerConfig
 
     def __init__(self, config: PivaTrainerConfig, *args, **kwargs) -> None:
-        from piva.nerfstudio.piva_pipeline import PivaPipeline
-
         try:  # bad prompts or settings: one line, before any data or weights are loaded
-            PivaPipeline.guidance_config(config.pipeline).validate()
+            config.pipeline.guidance.validate()
         except ValueError as exc:
-            _fail(f"{exc} (set --pipeline.source-prompt / --pipeline.target-prompt)")
+            _fail(f"{exc} (set --pipeline.guidance.source-prompt / --pipeline.guidance.target-prompt)")
         super().__init__(config, *args, **kwargs)
 
     def setup(self, test_mode="val") -> None:
@@ -64,6 +57,8 @@ class PivaTrainer(Trainer):
             if not d.is_dir():
                 _fail(f"--load-dir {d} does not exist: pass the nerfstudio_models folder of a trained nerfacto run")
             path = d / f"step-{cfg.load_step:09d}.ckpt" if cfg.load_step is not None else latest_checkpoint(d)
+            if path is None:
+                _fail(f"no step-*.ckpt in {d}: point --load-dir at a run's nerfstudio_models folder")
         else:
             _fail("ns-train piva edits a trained scene: pass --load-dir RUN/nerfstudio_models of a nerfacto run")
         if not path.is_file():
@@ -94,9 +89,9 @@ class PivaTrainer(Trainer):
         """Write to a temporary file beside the folder, then rename: a kill never leaves a broken latest checkpoint."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         ckpt_path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
-        tmp = self.checkpoint_dir.parent / f".{self.checkpoint_dir.name}-step-{step:09d}.tmp"
         pipeline = self.pipeline.module if hasattr(self.pipeline, "module") else self.pipeline
-        torch.save(
+        # The temporary file waits outside the folder nerfstudio lists for its latest step.
+        atomic_torch_save(
             {
                 "step": step,
                 "pipeline": pipeline.state_dict(),
@@ -104,9 +99,9 @@ class PivaTrainer(Trainer):
                 "schedulers": {k: v.state_dict() for (k, v) in self.optimizers.schedulers.items()},
                 "scalers": self.grad_scaler.state_dict(),
             },
-            tmp,
+            ckpt_path,
+            tmp_dir=self.checkpoint_dir.parent,
         )
-        os.replace(tmp, ckpt_path)
         if self.config.save_only_latest_checkpoint:
             for f in self.checkpoint_dir.glob("*.ckpt"):
                 if f != ckpt_path:

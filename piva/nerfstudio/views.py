@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from piva.data.views import Camera
+from piva.nerfstudio.runs import latest_checkpoint
 
 
 def load_pipeline(run_dir: Path, device: str = "cpu"):
@@ -18,9 +19,11 @@ def load_pipeline(run_dir: Path, device: str = "cpu"):
     """
     import yaml
 
-    config = yaml.load((run_dir / "config.yml").read_text(), Loader=yaml.Loader)
+    config = yaml.load((Path(run_dir) / "config.yml").read_text(), Loader=yaml.Loader)
     pipeline = config.pipeline.setup(device=device, test_mode="inference", world_size=1, local_rank=0)
-    ckpt = sorted((run_dir / "nerfstudio_models").glob("step-*.ckpt"))[-1]
+    ckpt = latest_checkpoint(Path(run_dir) / "nerfstudio_models")
+    if ckpt is None:
+        raise FileNotFoundError(f"no step-*.ckpt in {run_dir}/nerfstudio_models: has the run saved a checkpoint?")
     state = torch.load(ckpt, map_location=device, weights_only=False)
     pipeline.load_pipeline(state["pipeline"], state["step"])
     return pipeline.eval(), state["step"]

@@ -13,6 +13,8 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
+from piva.io import atomic_path, atomic_write_text
+
 REPORTED = {  # PiVa paper, table 2 (Noe, threestudio, CLIP ViT-B/32, LPIPS AlexNet)
     "dds": {"clip_score": 0.242, "lpips": 0.1918},
     "piva": {"clip_score": 0.245, "lpips": 0.1133},
@@ -109,7 +111,8 @@ def plot(rows: list[dict], path: Path) -> Optional[str]:
     ax.set_ylabel("CLIP score ↑" if y_key == "clip_score" else "toy judge score ↑ (not CLIP)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # same suffix: matplotlib picks the format from it
+        fig.savefig(tmp)
     plt.close(fig)
     return path.name
 
@@ -182,8 +185,6 @@ img.plot {{ max-width: 520px; }}
 
 
 def write_leaderboards(out: Path, manifest_name: str = "noe") -> dict:
-    from piva.noe.runner import atomic_write_text
-
     out = Path(out)
     rows = load_results(out)
     md, page = out / "leaderboard.md", out / "leaderboard.html"

@@ -8,6 +8,7 @@ any download: `--objaverse-dir DIR` (DIR/<uid>.glb) and `--nerf-synthetic-dir DI
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -15,15 +16,13 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
-PRESETS = {
-    # views, image size, source-scene steps, rays per batch; "toy" runs on a CPU in minutes
-    "full": dict(n_views=100, size=512, source_steps=30000, rays=4096, device="cuda"),
-    "toy": dict(n_views=40, size=64, source_steps=600, rays=1024, device="cpu"),
-}
+from piva.nerfstudio.runs import ObjectScene, RunSize
+from piva.noe.presets import Preset, get_preset
+
 DISTANCE, FOV_Y, ELEVATION = 4.0, 50.0, (5.0, 85.0)
 
 
@@ -34,16 +33,34 @@ class NotAvailable(RuntimeError):
 @dataclass
 class PrepareOptions:
     root: Path
-    preset: str = "full"
+    preset: Union[str, Preset] = "full"
     nerf_synthetic_dir: Optional[Path] = None
     objaverse_dir: Optional[Path] = None
     download: bool = True
     source_steps: Optional[int] = None
 
-    def setting(self, key: str):
-        if key == "source_steps" and self.source_steps is not None:
-            return self.source_steps
-        return PRESETS[self.preset][key]
+    @property
+    def sizes(self) -> Preset:
+        return get_preset(self.preset) if isinstance(self.preset, str) else self.preset
+
+    @property
+    def run_size(self) -> RunSize:
+        size = self.sizes.run
+        return size if self.source_steps is None else dataclasses.replace(size, source_steps=self.source_steps)
+
+
+def toy_object_scene(data: Path) -> ObjectScene:
+    """A toy-world dataset as nerfstudio sees it: RGB on the toy grey, cameras at distance 3.6."""
+    from piva.toyworld.scenes import BACKGROUND
+
+    return ObjectScene(Path(data), backdrop=(BACKGROUND,) * 3, near=1.5, far=6.0, rgba=False)
+
+
+def object_scene(obj: dict, data: Path) -> ObjectScene:
+    """Noe and NeRF-synthetic objects are RGBA on white within radius 2, seen from distance 4."""
+    if obj["source"] == "toyworld":
+        return toy_object_scene(data)
+    return ObjectScene(Path(data), backdrop=(1.0, 1.0, 1.0), near=0.5, far=8.0, rgba=True)
 
 
 def object_dir(root: Path, obj: dict) -> Path:
@@ -52,9 +69,9 @@ def object_dir(root: Path, obj: dict) -> Path:
 
 def _online(host: Optional[str] = None) -> bool:
     """HF_HUB_OFFLINE off and `host` (default: the Hugging Face endpoint, where Objaverse lives) answers."""
-    from piva.prior.loading import _hub_reachable
+    from piva.prior.loading import _hub_reachable, hf_offline
 
-    return os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false") and _hub_reachable(host=host)
+    return not hf_offline() and _hub_reachable(host=host)
 
 
 def find_mesh(obj: dict, opts: PrepareOptions) -> Path:
@@ -128,7 +145,7 @@ def write_dataset(obj: dict, opts: PrepareOptions) -> Path:
     out = object_dir(opts.root, obj) / "data"
     if (out / "transforms_train.json").is_file():
         return out
-    n, size = opts.setting("n_views"), opts.setting("size")
+    n, size = opts.sizes.capture_views, opts.sizes.capture_size
     if obj["source"] == "nerf-synthetic":
         return find_nerf_synthetic(obj, opts)
     tmp = out.with_name("data.partial")
@@ -154,16 +171,9 @@ def write_dataset(obj: dict, opts: PrepareOptions) -> Path:
 
 def train_source(obj: dict, data: Path, opts: PrepareOptions) -> Path:
     """Reconstruct the source scene with nerfacto; returns its `nerfstudio_models` folder (skips when done)."""
-    from piva.toyworld import nerf
+    from piva.nerfstudio.runs import reconstruct
 
-    runs = object_dir(opts.root, obj) / "runs"
-    ckpt_dir = runs / "source" / "nerfacto" / "run" / "nerfstudio_models"
-    if list(ckpt_dir.glob("step-*.ckpt")):
-        return ckpt_dir
-    white = obj["source"] != "toyworld"  # RGBA datasets are composited on white, like nerfstudio's blender default
-    cfg = nerf.source_scene_config(data, runs, steps=opts.setting("source_steps"), rays=opts.setting("rays"),
-                                   small=opts.preset == "toy", device=opts.setting("device"), white_background=white)
-    return nerf.run(cfg)
+    return reconstruct(object_scene(obj, data), object_dir(opts.root, obj) / "runs", opts.run_size) / "nerfstudio_models"
 
 
 def prepare_object(obj: dict, opts: PrepareOptions, train: bool = True) -> dict:
@@ -178,7 +188,7 @@ def prepare_object(obj: dict, opts: PrepareOptions, train: bool = True) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / ".prepare.lock")):
         data = write_dataset(obj, opts)
-        record = {"object": obj["id"], "data": str(data), "preset": opts.preset}
+        record = {"object": obj["id"], "data": str(data), "preset": opts.sizes.name}
         if train:
             record["source_checkpoints"] = str(train_source(obj, data, opts))
         (folder / "prepared.json").write_text(json.dumps(record, indent=2))

@@ -8,27 +8,21 @@ interrupted edit resumes from its latest nerfstudio checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 
-from piva.noe.prepare import PrepareOptions, object_dir, prepare_object, NotAvailable
+from piva.io import atomic_torch_save, atomic_write_json
+from piva.noe.prepare import NotAvailable, PrepareOptions, object_dir, object_scene, prepare_object
+from piva.noe.presets import Preset, get_preset
 
 METHODS = ("piva", "dds", "sds", "no-edit")
-EDIT_PRESETS = {
-    # Noe with threestudio's paper settings lives in configs/threestudio; this is the nerfstudio backend.
-    "full": dict(steps=15000, render_short_side=512, lr=1e-3, identity_weight=0.4, rays=4096, small=False,
-                 device="cuda", eval_size=512, eval_elevation=15.0, eval_distance=4.0, eval_fov=50.0),
-    # The toy world's camera set-up (toy objects are ~1 unit: distance 3.6, fov 40, as they were trained).
-    # DDS with the true source latent: the toy prior's shared-latent step overshoots the target (docs/toyworld.md).
-    "toy": dict(steps=300, render_short_side=32, lr=1e-3, identity_weight=0.4, rays=256, small=True,
-                device="cpu", eval_size=32, eval_elevation=30.0, eval_distance=3.6, eval_fov=40.0, same_latent=False),
-}
+# The registered nerfstudio method each benchmark method runs (objects: the paper's lambda 0.4).
+REGISTERED_METHODS = {"piva": "piva-object", "dds": "piva-dds", "sds": "piva-sds"}
 
 
 @dataclass
@@ -45,10 +39,17 @@ class RunOptions:
     backend: str = "nerfstudio"
     threestudio_root: Optional[Path] = None
 
-    def setting(self, key: str):
-        if key == "steps" and self.edit_steps is not None:
-            return self.edit_steps
-        return EDIT_PRESETS[self.preset][key]
+    @property
+    def sizes(self) -> Preset:
+        return get_preset(self.preset)
+
+    @property
+    def device(self) -> str:
+        return self.sizes.run.device
+
+    @property
+    def steps(self) -> int:
+        return self.edit_steps if self.edit_steps is not None else self.sizes.run.edit_steps
 
 
 def select_edits(manifest: dict, objects=None, types=None, limit: Optional[int] = None) -> list[dict]:
@@ -58,13 +59,6 @@ def select_edits(manifest: dict, objects=None, types=None, limit: Optional[int] 
 
 def result_path(out: Path, method: str, edit_id: str) -> Path:
     return Path(out) / "results" / method / f"{edit_id}.json"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- memory
@@ -92,166 +86,169 @@ def _peak_memory_mb(device: str) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------- one edit
-def diffusion_models(preset: str) -> tuple[str, str]:
-    if preset == "toy":
-        from piva.toyworld.quality import CONTROLNET_DIR, PRIOR_DIR
+# ---------------------------------------------------------------------------- backends
+@dataclass
+class EditOutcome:
+    """What a backend hands back for one (method, edit): renders at the evaluation cameras and how it ran."""
 
-        return str(PRIOR_DIR), str(CONTROLNET_DIR)
-    from piva.nerfstudio.piva_pipeline import DEFAULT_CONTROLNET, DEFAULT_MODEL
-
-    return DEFAULT_MODEL, DEFAULT_CONTROLNET
-
-
-def eval_cameras(opts: RunOptions):
-    from piva.data.views import Camera
-    from piva.metrics.cameras import noe_cameras
-
-    p = EDIT_PRESETS[opts.preset]
-    cams = noe_cameras(opts.eval_views, elevation=p["eval_elevation"], distance=p["eval_distance"], fov_y=p["eval_fov"])
-    views = [Camera(c, cams["fov_y"], p["eval_size"], p["eval_size"]) for c in cams["c2w"]]
-    setting = {"views": opts.eval_views, "elevation": p["eval_elevation"], "distance": p["eval_distance"],
-               "fov_y": p["eval_fov"], "size": p["eval_size"],
-               "duplicate_end_view": "rendered, left out of every average; consistency wraps last unique -> first"}
-    return views, torch.from_numpy(cams["unique"]), setting
+    edited: torch.Tensor
+    original: torch.Tensor
+    unique: torch.Tensor
+    cameras: dict
+    wall_time_s: float
+    run: Optional[Path]
 
 
-def original_renders(obj: dict, record: dict, opts: RunOptions) -> torch.Tensor:
-    """The original scene at the evaluation cameras, rendered once per object and kept."""
-    from piva.nerfstudio.views import load_pipeline, render_views
+class Backend(Protocol):
+    """Prepares an object, edits it with a method and renders the evaluation cameras (nerfstudio, threestudio)."""
 
-    cams, _, setting = eval_cameras(opts)
-    cache = object_dir(opts.prepare.root, obj) / f"original_eval_{setting['views']}x{setting['size']}.pt"
-    if cache.is_file():
-        return torch.load(cache)
-    pipeline, _ = load_pipeline(Path(record["source_checkpoints"]).parent, device=opts.setting("device"))
-    rgb = render_views(pipeline, cams, progress=f"[noe] rendering original {obj['id']}")["rgb"]
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-    torch.save(rgb, tmp)
-    os.replace(tmp, cache)
-    return rgb
+    def edit(self, edit: dict, obj: dict, method: str) -> EditOutcome: ...
 
 
-def run_edit(edit: dict, obj: dict, record: dict, method: str, opts: RunOptions) -> Optional[Path]:
-    """Edit the source scene with one method (nerfstudio backend); None for the no-edit reference."""
-    if method == "no-edit":
-        return None
-    from piva.toyworld import nerf
+class NerfstudioBackend:
+    """The registered nerfstudio methods (`piva-object`, `piva-dds`, `piva-sds`) at the preset's sizes."""
 
-    model, controlnet = diffusion_models(opts.preset)
-    p = EDIT_PRESETS[opts.preset]
-    cfg = nerf.edit_config(
-        Path(record["data"]), Path(record["source_checkpoints"]), Path(opts.out) / "work" / method,
-        edit["source_prompt"], edit["target_prompt"], Path(model), Path(controlnet) if method == "piva" else None,
-        method=method, steps=opts.setting("steps"), render_short_side=p["render_short_side"], lr=p["lr"],
-        identity_weight=p["identity_weight"], rays=p["rays"], small=p["small"], device=p["device"],
-        white_background=obj["source"] != "toyworld", same_latent=p.get("same_latent"),
-    )
-    if opts.preset != "toy":  # hub ids, not folders
-        cfg.pipeline.diffusion_model, cfg.pipeline.controlnet_model = model, controlnet
-    cfg.experiment_name = edit["id"]
-    return nerf.edit_scene(cfg)
+    def __init__(self, opts: RunOptions) -> None:
+        self.opts = opts
+
+    def diffusion_models(self) -> tuple[Optional[str], Optional[str]]:
+        """The toy prior for the toy preset; else the registered method's own (hub ids)."""
+        if self.opts.preset == "toy":
+            from piva.toyworld.quality import CONTROLNET_DIR, PRIOR_DIR
+
+            return str(PRIOR_DIR), str(CONTROLNET_DIR)
+        return None, None
+
+    def cameras(self):
+        from piva.data.cameras import noe_cameras
+        from piva.data.views import Camera
+
+        orbit = self.opts.sizes.eval
+        cams = noe_cameras(self.opts.eval_views, elevation=orbit.elevation, distance=orbit.distance, fov_y=orbit.fov_y)
+        views = [Camera(c, cams["fov_y"], orbit.size, orbit.size) for c in cams["c2w"]]
+        setting = {"views": self.opts.eval_views, "elevation": orbit.elevation, "distance": orbit.distance,
+                   "fov_y": orbit.fov_y, "size": orbit.size,
+                   "duplicate_end_view": "rendered, left out of every average; consistency wraps last unique -> first"}
+        return views, torch.from_numpy(cams["unique"]), setting
+
+    def render(self, run: Path, what: str) -> torch.Tensor:
+        from piva.nerfstudio.views import load_pipeline, render_views
+
+        cams, _, _ = self.cameras()
+        pipeline, _ = load_pipeline(run, device=self.opts.device)
+        return render_views(pipeline, cams, progress=f"[noe] rendering {what}")["rgb"]
+
+    def original(self, obj: dict, record: dict) -> torch.Tensor:
+        """The original scene at the evaluation cameras, rendered once per object and kept."""
+        _, _, setting = self.cameras()
+        cache = object_dir(self.opts.prepare.root, obj) / f"original_eval_{setting['views']}x{setting['size']}.pt"
+        if cache.is_file():
+            return torch.load(cache)
+        rgb = self.render(Path(record["source_checkpoints"]).parent, f"original {obj['id']}")
+        atomic_torch_save(rgb, cache)
+        return rgb
+
+    def edit(self, edit: dict, obj: dict, method: str) -> EditOutcome:
+        from piva.nerfstudio import runs
+
+        opts = self.opts
+        record = prepare_object(obj, opts.prepare)
+        _reset_peak_memory(opts.device)
+        t0 = time.perf_counter()
+        run = None
+        if method != "no-edit":
+            model, controlnet = self.diffusion_models()
+            cfg = runs.edit_config(
+                REGISTERED_METHODS[method], object_scene(obj, Path(record["data"])), Path(record["source_checkpoints"]),
+                Path(opts.out) / "work" / method, edit["source_prompt"], edit["target_prompt"],
+                opts.sizes.run.with_edit_steps(opts.edit_steps), diffusion_model=model, controlnet_model=controlnet,
+            )
+            cfg.experiment_name = edit["id"]
+            run = runs.edit(cfg)
+        wall = time.perf_counter() - t0
+        _, unique, setting = self.cameras()
+        original = self.original(obj, record)
+        edited = original.clone() if run is None else self.render(run, edit["id"])
+        return EditOutcome(edited, original, unique, setting, wall, run)
 
 
-def evaluate_edit(edit: dict, obj: dict, record: dict, edit_run: Optional[Path], opts: RunOptions, models: dict) -> dict:
-    from piva.metrics.evaluate import evaluate_views
-    from piva.nerfstudio.views import load_pipeline, render_views
+class ThreestudioBackend:
+    """threestudio's launch.py with the extension's configs; its test stage renders the Noe cameras."""
 
-    cams, unique, setting = eval_cameras(opts)
-    original = original_renders(obj, record, opts)
-    if edit_run is None:
-        edited = original.clone()
-    else:
-        pipeline, _ = load_pipeline(edit_run, device=opts.setting("device"))
-        edited = render_views(pipeline, cams, progress=f"[noe] rendering {edit['id']}")["rgb"]
-    metrics = evaluate_views(edited, original, edit["source_prompt"], edit["target_prompt"], unique,
-                             image_text=models.get("image_text"), lpips=models.get("lpips"),
-                             unavailable=models.get("unavailable"))
-    metrics["cameras"] = setting
-    return metrics, edited, original
+    def __init__(self, opts: RunOptions) -> None:
+        self.opts = opts
+
+    def edit(self, edit: dict, obj: dict, method: str) -> EditOutcome:
+        from piva.data.cameras import noe_cameras
+        from piva.threestudio import backend
+
+        opts = self.opts
+        if method == "no-edit":
+            raise NotAvailable("no-edit with the threestudio backend: read the '-original' renders of any edit")
+        root = backend.check_backend(opts.threestudio_root)
+        record = prepare_object(obj, opts.prepare, train=False)
+        work = Path(opts.out) / "threestudio"
+        cmd, trial = backend.source_command(root, Path(record["data"]), work, obj["id"])
+        if not list((trial / "save").glob("it*-test")):  # the test stage runs once training has finished
+            backend.run(cmd, root)
+        _reset_peak_memory(opts.device)
+        t0 = time.perf_counter()
+        cmd, edit_trial = backend.edit_command(root, method, trial / "ckpts" / "last.ckpt", edit, work, opts.edit_steps)
+        backend.run(cmd, root)
+        wall = time.perf_counter() - t0
+        edited, original = backend.test_renders(edit_trial)
+        unique = torch.from_numpy(noe_cameras(len(edited))["unique"])
+        cameras = {"views": len(edited), "elevation": 15.0, "distance": 4.0, "fov_y": 50.0,
+                   "source": "threestudio test stage (piva-noe.yaml / dds-noe.yaml)"}
+        return EditOutcome(edited, original, unique, cameras, wall, edit_trial)
+
+
+BACKENDS = {"nerfstudio": NerfstudioBackend, "threestudio": ThreestudioBackend}
 
 
 def save_thumbnail(path: Path, original: torch.Tensor, edited: torch.Tensor, n: int = 4) -> None:
-    import imageio.v3 as iio
-    import numpy as np
+    """Four views, original above edited, enlarged to ~96 px."""
+    from piva.data.images import save_image_grid
 
     idx = torch.linspace(0, len(original) - 2, n).round().long()
-    rows = [torch.cat(list(x[idx]), dim=2) for x in (original, edited)]
-    grid = torch.cat(rows, dim=1).permute(1, 2, 0).clamp(0, 1).numpy()
-    scale = max(1, 96 // original.shape[-1])
-    arr = (grid * 255).round().astype(np.uint8)
-    if scale > 1:
-        arr = np.kron(arr, np.ones((scale, scale, 1), np.uint8))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    iio.imwrite(tmp, arr)
-    os.replace(tmp, path)
-
-
-def _threestudio_edit(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict):
-    """Source scene + edit with threestudio's launch.py; its test stage renders the Noe cameras."""
-    from piva.metrics.cameras import noe_cameras
-    from piva.metrics.evaluate import evaluate_views
-    from piva.threestudio import backend
-
-    if method == "no-edit":
-        raise NotAvailable("no-edit with the threestudio backend: read the '-original' renders of any edit")
-    root = backend.check_backend(opts.threestudio_root)
-    record = prepare_object(obj, opts.prepare, train=False)
-    work = Path(opts.out) / "threestudio"
-    cmd, trial = backend.source_command(root, Path(record["data"]), work, obj["id"])
-    if not list((trial / "save").glob("it*-test")):  # the test stage runs once training has finished
-        backend.run(cmd, root)
-    _reset_peak_memory(opts.setting("device"))
-    t0 = time.perf_counter()
-    cmd, edit_trial = backend.edit_command(root, method, trial / "ckpts" / "last.ckpt", edit, work, opts.edit_steps)
-    backend.run(cmd, root)
-    wall = time.perf_counter() - t0
-    edited, original = backend.test_renders(edit_trial)
-    unique = torch.from_numpy(noe_cameras(len(edited))["unique"])
-    metrics = evaluate_views(edited, original, edit["source_prompt"], edit["target_prompt"], unique,
-                             image_text=models.get("image_text"), lpips=models.get("lpips"),
-                             unavailable=models.get("unavailable"))
-    metrics["cameras"] = {"views": len(edited), "elevation": 15.0, "distance": 4.0, "fov_y": 50.0,
-                          "source": "threestudio test stage (piva-noe.yaml / dds-noe.yaml)"}
-    return metrics, edited, original, wall, edit_trial
+    save_image_grid(path, [original[idx], edited[idx]], scale=max(1, 96 // original.shape[-1]))
 
 
 def run_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict) -> dict:
     """Prepare (if needed), edit, evaluate and store one (method, edit); returns the stored record."""
-    device = opts.setting("device")
-    if opts.backend == "threestudio":
-        metrics, edited, original, wall, edit_run = _threestudio_edit(edit, obj, method, opts, models)
-        memory = _peak_memory_mb(device)  # this process only; threestudio's own peak is in its logs
-    else:
-        record = prepare_object(obj, opts.prepare)
-        _reset_peak_memory(device)
-        t0 = time.perf_counter()
-        edit_run = run_edit(edit, obj, record, method, opts)
-        wall = time.perf_counter() - t0
-        memory = _peak_memory_mb(device)
-        metrics, edited, original = evaluate_edit(edit, obj, record, edit_run, opts, models)
+    from piva.metrics.evaluate import evaluate_views
+
+    outcome = BACKENDS[opts.backend](opts).edit(edit, obj, method)
+    memory = _peak_memory_mb(opts.device)  # this process only; threestudio's own peak is in its logs
+    metrics = evaluate_views(outcome.edited, outcome.original, edit["source_prompt"], edit["target_prompt"],
+                             outcome.unique, image_text=models.get("image_text"), lpips=models.get("lpips"),
+                             unavailable=models.get("unavailable"))
+    metrics["cameras"] = outcome.cameras
     thumb = result_path(opts.out, method, edit["id"]).with_suffix(".png")
-    save_thumbnail(thumb, original, edited)
+    save_thumbnail(thumb, outcome.original, outcome.edited)
+    device = opts.device
     result = {
         "edit": edit, "method": method, "preset": opts.preset, "backend": opts.backend,
-        "edit_steps": 0 if method == "no-edit" else opts.setting("steps"),
-        "metrics": metrics, "wall_time_s": round(wall, 1), "peak_memory": memory,
-        "edited_run": str(edit_run) if edit_run else None, "thumbnail": thumb.name,
+        "registered_method": REGISTERED_METHODS.get(method) if opts.backend == "nerfstudio" else None,
+        "edit_steps": 0 if method == "no-edit" else opts.steps,
+        "metrics": metrics, "wall_time_s": round(outcome.wall_time_s, 1), "peak_memory": memory,
+        "edited_run": str(outcome.run) if outcome.run else None, "thumbnail": thumb.name,
         "machine": {"device": device, "torch": torch.__version__, "platform": platform.platform(),
                     "gpu": torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None},
     }
-    atomic_write_text(result_path(opts.out, method, edit["id"]), json.dumps(result, indent=2))
+    atomic_write_json(result_path(opts.out, method, edit["id"]), result)
     return result
 
 
 # ---------------------------------------------------------------------------- many edits
 def load_models(opts: RunOptions) -> dict:
     """CLIP (or the toy judge, labelled) and LPIPS; what cannot be loaded is recorded, never faked."""
-    from piva.metrics.evaluate import MetricUnavailable, load_clip, load_lpips, load_toy_judge
+    from piva.metrics.evaluate import MetricUnavailable, load_clip, load_lpips
 
     models: dict = {"unavailable": {}}
     if opts.preset == "toy":
+        from piva.toyworld.judge import load_toy_judge
+
         models["image_text"] = load_toy_judge()
         models["unavailable"]["clip"] = "toy world: the toy judge stands in for CLIP (figures labelled judge_*)"
     else:
@@ -311,7 +308,7 @@ def _run_with_ray(todo, opts: RunOptions, address: str) -> dict:
     except ImportError:
         raise SystemExit("piva: error: --ray needs Ray (pip install 'ray[default]'); leave --ray out to run locally")
     ray.init(address=None if address == "local" else address)
-    gpus = 1 if opts.setting("device").startswith("cuda") else 0
+    gpus = 1 if opts.device.startswith("cuda") else 0
 
     @ray.remote(num_gpus=gpus)
     def task(edit, obj, method):

@@ -26,6 +26,14 @@ class ModelNotFoundError(FileNotFoundError):
     """Raised at once (never after a hub retry loop) when weights are not available."""
 
 
+def hf_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set, read now (tests and callers set it after import) and by
+    huggingface_hub's own rule for true values, so piva and the hub client always agree."""
+    from huggingface_hub.constants import ENV_VARS_TRUE_VALUES
+
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ENV_VARS_TRUE_VALUES
+
+
 def _hub_reachable(timeout: float = 3.0, host: Optional[str] = None) -> bool:
     """A bounded connectivity probe (the Hugging Face endpoint unless `host`): DNS can hang too, so it runs in a thread."""
     from huggingface_hub import constants
@@ -72,12 +80,11 @@ def resolve_model_dir(model: Union[str, os.PathLike], parts: Sequence[str] = REQ
         return local
     except Exception:
         pass
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     how = (
         f"download it on a connected machine with `huggingface-cli download {text}` "
         f"(then copy the cache or pass the folder path)"
     )
-    if offline:
+    if hf_offline():
         raise ModelNotFoundError(f"{text!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1: {how}")
     if not _hub_reachable():
         raise ModelNotFoundError(f"{text!r} is not in the local cache and the model hub cannot be reached: {how}")
@@ -106,6 +113,20 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    """A dtype from its name as configs write it (float32 | float16 | bfloat16); None: `default_dtype`."""
+    if dtype is None or dtype == "":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 @dataclass
 class DiffusionPrior:
     """The frozen base model (UNet, VAE, text encoder) plus an optional depth ControlNet."""
@@ -126,14 +147,14 @@ class DiffusionPrior:
         model: Union[str, os.PathLike] = DEFAULT_MODEL,
         controlnet: Optional[Union[str, os.PathLike]] = None,
         device: Optional[Union[str, torch.device]] = None,
-        dtype: Optional[torch.dtype] = None,
+        dtype: Union[str, torch.dtype, None] = None,
     ) -> "DiffusionPrior":
         """Load every part from a hub id or local folder; `controlnet=None` skips the ControlNet."""
         from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         device = torch.device(device) if device is not None else default_device()
-        dtype = dtype or default_dtype(device)
+        dtype = resolve_dtype(dtype, device)
         root = resolve_model_dir(model)
         control_root = resolve_model_dir(controlnet, parts=()) if controlnet is not None else None
         if control_root is not None and not (control_root / "config.json").is_file():
@@ -245,6 +266,16 @@ class DiffusionPrior:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         image = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
         return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    # -- diffusion ---------------------------------------------------------------
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: Union[int, torch.Tensor]) -> torch.Tensor:
+        """Forward diffusion z_t = sqrt(a_t) z + sqrt(1 - a_t) noise by the scheduler, in the model's dtype.
+
+        Computed in fp32 (the scheduler would cast a_t to a bf16 input's dtype before the square roots).
+        `t` is one timestep for the whole batch or one per sample.
+        """
+        t = torch.as_tensor(t, dtype=torch.long).expand(latents.shape[0])
+        return self.scheduler.add_noise(latents.float(), noise.float(), t).to(self.dtype)
 
     # -- model outputs ----------------------------------------------------------
     def to_epsilon(self, output: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,10 @@ then, from the checkout:
         system.geometry_convert_from=SOURCE_RUN/ckpts/last.ckpt \\
         system.guidance.source_prompt="..." system.guidance.target_prompt="..."
 
-Modules: `core` (threestudio-free glue: layouts, depth, config, datasets),
-`install`, and the threestudio modules `guidance`, `system`, `data`, registered by
+Modules free of threestudio: `config` (registered names, the `system.guidance`
+section generated from GuidanceConfig), `glue` (channels-last renders to
+`piva.guidance`), `blender` (Blender-layout datasets on piva.data's cameras) and
+`install`; the threestudio modules `guidance`, `system`, `data` are registered by
 importing `extension`. This package itself imports without threestudio, so the
 installer and the glue work anywhere; the registered modules fail with one line
 when threestudio is missing. See README.md in this folder.

@@ -12,7 +12,7 @@ which does not fit object-centric hemisphere captures.
 
 from __future__ import annotations
 
-from piva.threestudio.core import require_threestudio
+from piva.threestudio.config import require_threestudio
 
 require_threestudio("piva.threestudio.data")
 
@@ -21,61 +21,37 @@ from typing import Any, Dict, Iterator, List, Optional  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 import threestudio  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from threestudio.utils.config import parse_structured  # noqa: E402
 from torch.utils.data import DataLoader, Dataset, IterableDataset  # noqa: E402
 
-from piva.threestudio.core import (  # noqa: E402
-    DATAMODULE_NAME,
-    BlenderDataSettings,
-    Views,
-    image_rays,
-    load_rgba,
-    pixel_rays,
-    read_views,
-)
+from piva.threestudio.blender import BlenderDataSettings, PosedImages  # noqa: E402
+from piva.threestudio.config import DATAMODULE_NAME  # noqa: E402
 
 
-class _Images:
-    """One split's cameras and images (RGB composited on the background, alpha kept as the mask)."""
-
-    def __init__(self, cfg: BlenderDataSettings, split: str, downsample: int = 1) -> None:
-        views: Views = read_views(cfg.dataroot, split)
-        rgbs, masks = zip(*(load_rgba(p, cfg.background_color) for p in views.image_paths))
-        rgb, mask = torch.stack(rgbs), torch.stack(masks)  # [N,H,W,3], [N,H,W,1]
-        if rgb.shape[1:3] != (views.height, views.width):
-            raise ValueError(f"{split} images are {tuple(rgb.shape[1:3])}, the transforms say {views.height}x{views.width}")
-        intr = views.intrinsics.clone()
-        if downsample > 1:
-            size = (views.height // downsample, views.width // downsample)
-            rgb = F.interpolate(rgb.permute(0, 3, 1, 2), size=size, mode="area").permute(0, 2, 3, 1)
-            mask = F.interpolate(mask.permute(0, 3, 1, 2), size=size, mode="area").permute(0, 2, 3, 1)
-            intr *= torch.tensor([size[1] / views.width, size[0] / views.height] * 2)
-        self.c2w, self.intrinsics, self.rgb, self.mask = views.c2w, intr, rgb, mask
-        self.height, self.width = rgb.shape[1:3]
-        threestudio.info(f"[piva] {len(rgb)} {split} views of {cfg.dataroot} ({self.width}x{self.height})")
+def _images(cfg: BlenderDataSettings, split: str, downsample: int = 1) -> PosedImages:
+    images = PosedImages(cfg.dataroot, split, cfg.background_color, downsample)
+    threestudio.info(f"[piva] {len(images)} {split} views of {cfg.dataroot} ({images.width}x{images.height})")
+    return images
 
 
 class BlenderRays(IterableDataset):
     def __init__(self, cfg: BlenderDataSettings) -> None:
         super().__init__()
         self.cfg = cfg
-        self.images = _Images(cfg, cfg.train_split)
+        self.images = _images(cfg, cfg.train_split)
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         while True:
             yield self.sample()
 
     def sample(self) -> Dict[str, Any]:
-        im, n = self.images, self.cfg.rays_per_batch
-        idx = torch.randint(0, len(im.rgb), (n,))
-        v, u = torch.randint(0, im.height, (n,)), torch.randint(0, im.width, (n,))
-        rays_o, rays_d = pixel_rays(im.c2w[idx], im.intrinsics[idx], u.float(), v.float())
+        n = self.cfg.rays_per_batch
+        rays = self.images.random_rays(n)
         return {
-            "rays_o": rays_o.view(1, 1, n, 3),
-            "rays_d": rays_d.view(1, 1, n, 3),
-            "gt_rgb": im.rgb[idx, v, u].view(1, 1, n, 3),
-            "gt_mask": im.mask[idx, v, u].view(1, 1, n, 1),
+            "rays_o": rays["rays_o"].view(1, 1, n, 3),
+            "rays_d": rays["rays_d"].view(1, 1, n, 3),
+            "gt_rgb": rays["rgb"].view(1, 1, n, 3),
+            "gt_mask": rays["mask"].view(1, 1, n, 1),
             "light_positions": torch.zeros(1, 3),
             "height": 1,
             "width": n,
@@ -85,8 +61,8 @@ class BlenderRays(IterableDataset):
 class BlenderViews(Dataset):
     def __init__(self, cfg: BlenderDataSettings, split: str, n_views: Optional[int] = None) -> None:
         super().__init__()
-        self.images = _Images(cfg, split, cfg.eval_downsample)
-        count = len(self.images.rgb)
+        self.images = _images(cfg, split, cfg.eval_downsample)
+        count = len(self.images)
         self.indices: List[int] = list(range(count))
         if n_views is not None and n_views < count:
             self.indices = torch.linspace(0, count - 1, n_views).round().long().tolist()
@@ -96,7 +72,7 @@ class BlenderViews(Dataset):
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
         im, k = self.images, self.indices[i]
-        rays_o, rays_d = image_rays(im.c2w[k], im.intrinsics[k], im.height, im.width)
+        rays_o, rays_d = im.rays(k)
         return {
             "index": k,
             "rays_o": rays_o,

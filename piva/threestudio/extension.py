@@ -8,9 +8,9 @@
 Without threestudio this import fails with one line saying so.
 """
 
-from piva.threestudio.core import require_threestudio
+from piva.threestudio.config import require_threestudio
 
 require_threestudio("piva.threestudio.extension")
 
 from piva.threestudio import data, guidance, system  # noqa: E402,F401  (importing registers them)
-from piva.threestudio.core import REGISTERED  # noqa: E402,F401
+from piva.threestudio.config import REGISTERED  # noqa: E402,F401

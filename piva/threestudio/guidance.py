@@ -13,7 +13,7 @@ scene's render and run in `piva-edit-system`.
 
 from __future__ import annotations
 
-from piva.threestudio.core import require_threestudio
+from piva.threestudio.config import require_threestudio
 
 require_threestudio("piva.threestudio.guidance")
 
@@ -24,7 +24,8 @@ import threestudio  # noqa: E402
 import torch  # noqa: E402
 from threestudio.utils.base import BaseObject  # noqa: E402
 
-from piva.threestudio.core import GUIDANCE_NAME, ChannelsLastGuidance, GuidanceSettings  # noqa: E402
+from piva.threestudio.config import GUIDANCE_NAME, GuidanceSettings  # noqa: E402
+from piva.threestudio.glue import ChannelsLastGuidance  # noqa: E402
 
 
 @threestudio.register(GUIDANCE_NAME)

@@ -1,6 +1,6 @@
 """Link piva's extension into a threestudio checkout and say which versions must change.
 
-    python -m piva.threestudio.install /path/to/threestudio [--copy] [--force] [--strict]
+    python -m piva.threestudio.install /path/to/threestudio [--copy] [--force] [--check] [--strict]
 
 It writes `<threestudio>/custom/threestudio-piva/`: an `__init__.py` that imports
 `piva.threestudio.extension` (which registers the modules) and `configs/`, a symlink
@@ -9,7 +9,8 @@ to piva's `configs/threestudio` (a copy with --copy). The folder is not called
 so `custom/piva` would replace the real `piva` package in `sys.modules`.
 
 Then it compares threestudio's requirements.txt (and the packages installed in this
-Python) with what piva needs and prints what to change. It never imports threestudio.
+Python) with what piva needs and prints what to change. Versions are read and compared
+with `packaging` and `importlib.metadata`, as pip does. It never imports threestudio.
 """
 
 from __future__ import annotations
@@ -19,19 +20,18 @@ import importlib.metadata as metadata
 import re
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
-from packaging.version import Version
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
 
 EXTENSION_DIR = "threestudio-piva"
 MARKER = "written by `python -m piva.threestudio.install`"
 # What piva's peft adapters need (pyproject.toml); read from piva's metadata when it is installed.
 PIVA_NEEDS = {"torch": ">=2.1", "diffusers": ">=0.32", "transformers": ">=4.40", "peft": ">=0.13"}
-CHECKED = tuple(PIVA_NEEDS)
 
 INIT_TEMPLATE = '''"""piva's threestudio extension ({marker}; piva at {root}).
 
@@ -46,6 +46,12 @@ except ModuleNotFoundError as exc:
         raise
     raise ImportError("threestudio-piva needs piva in this Python: pip install -e {root}") from None
 '''
+
+LORA_NOTE = """
+With these versions threestudio's own LoRA guidances (stable-diffusion-vsd-guidance used by prolificdreamer,
+stable-diffusion-unified-guidance, zero123-unified-guidance) stop working: they build diffusers' old
+LoRAAttnProcessor, which diffusers removed in 0.30 (only an empty stub remains). piva's adapters use peft
+instead. Keep a separate threestudio environment for those methods."""
 
 
 class InstallError(RuntimeError):
@@ -67,15 +73,12 @@ def piva_root() -> Path:
 
 def piva_needs() -> Dict[str, str]:
     """Version ranges piva declares for the packages threestudio also pins."""
-    needs = dict(PIVA_NEEDS)
     try:
-        for line in metadata.requires("piva") or []:
-            req = Requirement(line)
-            if req.name in needs and req.marker is None and str(req.specifier):
-                needs[req.name] = str(req.specifier)
+        declared = [Requirement(line) for line in metadata.requires("piva") or []]
     except metadata.PackageNotFoundError:
-        pass
-    return needs
+        declared = []
+    found = {canonicalize_name(r.name): str(r.specifier) for r in declared if r.marker is None and r.specifier}
+    return {name: found.get(name, need) for name, need in PIVA_NEEDS.items()}
 
 
 def check_checkout(root: Path) -> List[str]:
@@ -90,82 +93,66 @@ def check_checkout(root: Path) -> List[str]:
             f"{root}/launch.py predates threestudio's custom extensions (no load_custom_modules): "
             "update threestudio (v0.2.3 or later)"
         )
-    warnings = []
     shadow = root / "custom" / "piva"
     if shadow.exists() or shadow.is_symlink():
-        warnings.append(
-            f"{shadow} exists: launch.py would import it as the module `piva` and hide the real piva package; remove it"
-        )
-    return warnings
+        return [f"{shadow} exists: launch.py would import it as the module `piva` and hide the real piva package; remove it"]
+    return []
 
 
 def threestudio_version(root: Path) -> Optional[str]:
-    m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)['\"]", (root / "threestudio" / "__init__.py").read_text(errors="replace"))
+    text = (root / "threestudio" / "__init__.py").read_text(errors="replace")
+    m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)['\"]", text)
     return m.group(1) if m else None
 
 
-def read_pins(requirements: Path, names: Sequence[str] = CHECKED) -> Dict[str, str]:
+def read_pins(requirements: Path, names: Sequence[str] = tuple(PIVA_NEEDS)) -> Dict[str, str]:
     """Specifiers that a requirements.txt gives the packages in `names` ('' when listed without a version)."""
     pins: Dict[str, str] = {}
-    if not requirements.is_file():
-        return pins
-    for raw in requirements.read_text(errors="replace").splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line or line.startswith(("-", "git+", "http:", "https:")):
-            continue
-        try:
-            req = Requirement(line)
+    lines = requirements.read_text(errors="replace").splitlines() if requirements.is_file() else []
+    for line in lines:
+        try:  # options (-r, -e), URLs and git+ lines are not requirements of a named version
+            req = Requirement(line.split("#", 1)[0].strip())
         except InvalidRequirement:
             continue
-        name = req.name.lower().replace("_", "-")
-        if name in names:
-            pins[name] = str(req.specifier)
+        if canonicalize_name(req.name) in names:
+            pins[canonicalize_name(req.name)] = str(req.specifier)
     return pins
 
 
 def compatible(pin: str, need: str) -> bool:
-    """Whether some version satisfies both ranges (tries every bound either side names, and its neighbours)."""
-    a, b = SpecifierSet(pin), SpecifierSet(need)
-    if not str(a) or not str(b):
-        return True
-    candidates = set()
-    for spec in list(a) + list(b):
+    """Whether some release satisfies both ranges: every version either names, and the next one at each level."""
+    both = SpecifierSet(pin) & SpecifierSet(need)
+    named = []
+    for spec in both:
         try:
-            v = Version(spec.version.replace(".*", ""))
-        except Exception:
+            named.append(Version(spec.version.rstrip(".*")))
+        except InvalidVersion:
             continue
-        major, minor, micro = (list(v.release) + [0, 0])[:3]
-        candidates |= {v, Version(f"{major}.{minor}.{micro + 1}"), Version(f"{major}.{minor + 1}"), Version(f"{major + 1}.0")}
-    return any(a.contains(v, prereleases=True) and b.contains(v, prereleases=True) for v in candidates)
+    candidates = {v for n in named for v in (n, *(_next_release(n, level) for level in range(3)))}
+    return not named or next(iter(both.filter(candidates, prereleases=True)), None) is not None
 
 
-def installed(name: str) -> Optional[str]:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
+def _next_release(v: Version, level: int) -> Version:
+    """0.32 -> 1.0.0 (level 0), 0.33.0 (level 1), 0.32.1 (level 2)."""
+    release = (list(v.release) + [0, 0])[:3]
+    return Version(".".join(str(x) for x in release[:level] + [release[level] + 1] + [0] * (2 - level)))
 
 
-@dataclass
-class VersionReport:
-    lines: List[str]
-    conflicts: int
-
-
-def version_report(root: Path) -> VersionReport:
-    """What threestudio pins and this Python has, against what piva needs, and what to change."""
-    needs = piva_needs()
+def version_report(root: Path) -> Tuple[List[str], int]:
+    """What threestudio pins and this Python has, against what piva needs; the lines and the number of changes."""
     pins = read_pins(root / "requirements.txt")
     lines = [f"{'package':<13} {'threestudio pins':<18} {'installed here':<15} piva needs"]
     pin_fixes, env_fixes = [], []
-    for name in CHECKED:
-        pin, have, need = pins.get(name), installed(name), needs[name]
+    for name, need in piva_needs().items():
+        pin = pins.get(name)
+        try:
+            have: Optional[str] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            have = None
         pin_ok = pin is None or compatible(pin, need)
-        have_ok = have is not None and SpecifierSet(need).contains(Version(have), prereleases=True)
-        lines.append(
-            f"{name:<13} {(pin if pin else 'unpinned') if pin is not None else '-':<18} {have or 'missing':<15} {need}"
-            + ("" if pin_ok and have_ok else "   <- change")
-        )
+        have_ok = have is not None and SpecifierSet(need).contains(have, prereleases=True)
+        shown = "-" if pin is None else pin or "unpinned"
+        lines.append(f"{name:<13} {shown:<18} {have or 'missing':<15} {need}" + ("" if pin_ok and have_ok else "   <- change"))
         if not pin_ok:
             pin_fixes.append((f"{name}{pin}", f"{name}{need}"))
         if not have_ok:
@@ -182,21 +169,8 @@ def version_report(root: Path) -> VersionReport:
         lines += ["", f"In {root / 'requirements.txt'} (or `pip install -r` will downgrade them again):"]
         lines += [f"    {old:<24} ->  {new}" for old, new in pin_fixes]
     if pin_fixes or env_fixes:
-        lines += [
-            "",
-            "With these versions threestudio's own LoRA guidances (stable-diffusion-vsd-guidance used by prolificdreamer,",
-            "stable-diffusion-unified-guidance, zero123-unified-guidance) stop working: they build diffusers' old",
-            "LoRAAttnProcessor, which diffusers removed in 0.30 (only an empty stub remains). piva's adapters use peft",
-            "instead. Keep a separate threestudio environment for those methods.",
-        ]
-    return VersionReport(lines, len(pin_fixes) + len(env_fixes))
-
-
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
+        lines += LORA_NOTE.splitlines()
+    return lines, len(pin_fixes) + len(env_fixes)
 
 
 def link_extension(root: Path, copy: bool = False, force: bool = False) -> Path:
@@ -205,10 +179,12 @@ def link_extension(root: Path, copy: bool = False, force: bool = False) -> Path:
     dest = root / "custom" / EXTENSION_DIR
     if dest.exists() or dest.is_symlink():
         init = dest / "__init__.py"
-        ours = init.is_file() and MARKER in init.read_text(errors="replace")
-        if not ours and not force:
+        if not force and not (init.is_file() and MARKER in init.read_text(errors="replace")):
             raise InstallError(f"{dest} exists and was not written by this installer: move it away or pass --force")
-        _remove(dest)
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        else:
+            dest.unlink()
     dest.mkdir(parents=True)
     (dest / "__init__.py").write_text(INIT_TEMPLATE.format(marker=MARKER, root=source))
     links = {"configs": source / "configs" / "threestudio", "README.md": source / "piva" / "threestudio" / "README.md"}
@@ -242,21 +218,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except InstallError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    version = threestudio_version(root)
-    print(f"threestudio {version or '(unknown version)'} at {root}")
+    print(f"threestudio {threestudio_version(root) or '(unknown version)'} at {root}")
     for w in warnings:
         print(f"warning: {w}")
     if dest is not None:
         print(f"installed {dest} ({'copied' if args.copy else 'linked'} configs -> {dest / 'configs'})")
-    report = version_report(root)
-    print()
-    print("\n".join(report.lines))
-    print()
-    if report.conflicts:
-        print(f"{report.conflicts} version change(s) needed before running launch.py with custom/{EXTENSION_DIR}/configs/.")
+    lines, conflicts = version_report(root)
+    print("\n" + "\n".join(lines) + "\n")
+    if conflicts:
+        print(f"{conflicts} version change(s) needed before running launch.py with custom/{EXTENSION_DIR}/configs/.")
     else:
         print(f"versions fit. From {root}: python launch.py --config custom/{EXTENSION_DIR}/configs/piva-noe.yaml --train ...")
-    return 3 if (args.strict and report.conflicts) else 0
+    return 3 if (args.strict and conflicts) else 0
 
 
 if __name__ == "__main__":

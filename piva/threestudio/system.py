@@ -16,7 +16,7 @@ is saved in the checkpoint, so a resumed run still knows the scene as it was.
 
 from __future__ import annotations
 
-from piva.threestudio.core import require_threestudio
+from piva.threestudio.config import require_threestudio
 
 require_threestudio("piva.threestudio.system")
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 from threestudio.systems.base import BaseLift3DSystem  # noqa: E402
 
 from piva.metrics import psnr  # noqa: E402
-from piva.threestudio.core import EDIT_SYSTEM_NAME, RECONSTRUCTION_SYSTEM_NAME  # noqa: E402
+from piva.threestudio.config import EDIT_SYSTEM_NAME, RECONSTRUCTION_SYSTEM_NAME  # noqa: E402
 
 ADAPTER_KEY = "piva_adapters"
 ORIGINAL = ("original_geometry", "original_material", "original_background", "original_renderer")

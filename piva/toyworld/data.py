@@ -8,16 +8,13 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from piva.toyworld.scenes import Camera, Scene, all_scenes, look_at, render
-
-IMAGE_SIZE = 32
-FOV_Y = 40.0
-DISTANCE = 3.6
-ELEVATION = (10.0, 60.0)
+from piva.toyworld.scenes import ELEVATION_RANGE, IMAGE_SIZE, Camera, Scene, all_scenes, render, toy_camera
 
 
 def random_camera(rng: np.random.Generator, size: int = IMAGE_SIZE) -> Camera:
-    return Camera(look_at(rng.uniform(0, 360), rng.uniform(*ELEVATION), DISTANCE), FOV_Y, size, size)
+    """The toy camera at a random azimuth and an elevation in ELEVATION_RANGE (draws azimuth first)."""
+    azimuth = rng.uniform(0, 360)
+    return toy_camera(azimuth, rng.uniform(*ELEVATION_RANGE), size)
 
 
 def make_dataset(

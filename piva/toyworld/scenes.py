@@ -36,6 +36,23 @@ WHITE, BLACK = (0.95, 0.95, 0.95), (0.08, 0.08, 0.08)
 LIGHT = np.array([0.4, -0.5, 0.75]) / np.linalg.norm([0.4, -0.5, 0.75])
 FILL = np.array([-0.6, 0.5, 0.3]) / np.linalg.norm([-0.6, 0.5, 0.3])
 
+# The toy camera: every toy render, dataset, probe and evaluation view is taken with it.
+IMAGE_SIZE = 32  # the toy prior's and judge's resolution
+FOV_Y = 40.0
+DISTANCE = 3.6
+ELEVATION = 30.0  # fixed-elevation orbits (evaluation views, turntables, probes)
+ELEVATION_RANGE = (10.0, 60.0)  # random training/evaluation views
+
+
+def toy_camera(azimuth: float, elevation: float = ELEVATION, size: int = IMAGE_SIZE) -> Camera:
+    """The toy camera at `azimuth`/`elevation` (degrees), looking at the origin from DISTANCE."""
+    return Camera(look_at(azimuth, elevation, DISTANCE), FOV_Y, size, size)
+
+
+def toy_orbit(n: int, size: int = IMAGE_SIZE, elevation: float = ELEVATION) -> list[Camera]:
+    """`n` toy cameras evenly around the object (azimuths 0, 360/n, ...; no duplicated end view)."""
+    return [toy_camera(float(az), elevation, size) for az in np.linspace(0, 360, n, endpoint=False)]
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -202,8 +219,8 @@ def write_blender_dataset(
     n_train: int = 60,
     n_val: int = 8,
     size: int = 64,
-    fov_y: float = 40.0,
-    distance: float = 3.6,
+    fov_y: float = FOV_Y,
+    distance: float = DISTANCE,
     seed: int = 0,
 ) -> Path:
     """Write a nerfstudio/Blender dataset (`transforms_{train,val,test}.json`) of a toy scene.

@@ -8,7 +8,6 @@ already separates every toy caption, and training it would cost most of the budg
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import time
@@ -46,14 +45,18 @@ def _loop(steps: int, desc: str, progress: bool):
 
 def train_vae(data, cfg: ToyTrainConfig, conf: dict, progress: bool):
     from diffusers import AutoencoderKL
+    from diffusers.optimization import get_cosine_schedule_with_warmup
 
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(**conf)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    # Cosine decay to 0. The committed prior was trained with the same curve one step later
+    # (hand-written then): at most 0.2 % of the peak lr apart.
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=0, num_training_steps=cfg.vae_steps)
     g = torch.Generator().manual_seed(cfg.seed)
     n = len(data["rgb"])
     bar = _loop(cfg.vae_steps, "vae", progress)
-    for step in bar:
+    for _ in bar:
         x = data["rgb"][torch.randint(0, n, (cfg.vae_batch,), generator=g)] * 2 - 1
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
@@ -61,8 +64,7 @@ def train_vae(data, cfg: ToyTrainConfig, conf: dict, progress: bool):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        for group in opt.param_groups:  # cosine decay
-            group["lr"] = 1e-3 * 0.5 * (1 + torch.cos(torch.tensor(step / cfg.vae_steps * 3.14159)).item())
+        sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
     with torch.no_grad():
@@ -86,13 +88,15 @@ def _text_embeddings(text_encoder, tokenizer, captions):
 
 def train_unet(data, lat_mean, lat_std, emb, scaling, scheduler, cfg: ToyTrainConfig, conf: dict, progress: bool):
     from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
 
     torch.manual_seed(cfg.seed + 1)
     unet = UNet2DConditionModel(**conf)
-    ema = copy.deepcopy(unet).requires_grad_(False)
+    # Decay min(cfg.ema, (1 + s) / (10 + s)) at step s, as the committed prior was trained, except
+    # that EMAModel's first update copies the weights (decay 0, was 0.1): a weight of < 1e-20 at the end.
+    ema = EMAModel(unet.parameters(), decay=cfg.ema, use_ema_warmup=False)
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.01)
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    ab = scheduler.alphas_cumprod
     n, uncond = len(lat_mean), len(emb) - 1
     bar = _loop(cfg.unet_steps, "unet", progress)
     for step in bar:
@@ -105,20 +109,18 @@ def train_unet(data, lat_mean, lat_std, emb, scaling, scheduler, cfg: ToyTrainCo
         cap[torch.rand(len(i), generator=g) < cfg.caption_dropout] = uncond
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(i),), generator=g)
         noise = torch.randn(z0.shape, generator=g)
-        a = ab[t].view(-1, 1, 1, 1)
-        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        z_t = scheduler.add_noise(z0, noise, t)
         pred = unet(z_t, t, encoder_hidden_states=emb[cap]).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            d = min(cfg.ema, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.mul_(d).add_(p, alpha=1 - d)
+        ema.step(unet.parameters())
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    return ema.eval(), {"unet_final_loss": loss.item()}
+    ema.copy_to(unet.parameters())
+    unet.zero_grad(set_to_none=True)
+    return unet.eval().requires_grad_(False), {"unet_final_loss": loss.item()}
 
 
 def train_controlnet(data, lat_mean, lat_std, emb, scaling, scheduler, unet, cfg: ToyTrainConfig, progress: bool):
@@ -129,19 +131,17 @@ def train_controlnet(data, lat_mean, lat_std, emb, scaling, scheduler, unet, cfg
     controlnet.train()
     opt = torch.optim.AdamW(controlnet.parameters(), lr=5e-4)
     g = torch.Generator().manual_seed(cfg.seed + 2)
-    ab = scheduler.alphas_cumprod
     n, uncond = len(lat_mean), len(emb) - 1
     control_all = depth_to_control(data["depth"], (IMAGE_SIZE, IMAGE_SIZE))
     bar = _loop(cfg.controlnet_steps, "controlnet", progress)
-    for step in bar:
+    for _ in bar:
         i = torch.randint(0, n, (cfg.controlnet_batch,), generator=g)
         z0 = (lat_mean[i] + lat_std[i] * torch.randn(lat_mean[i].shape, generator=g)) * scaling
         cap = data["caption_index"][i].clone()
         cap[torch.rand(len(i), generator=g) < cfg.caption_dropout] = uncond
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(i),), generator=g)
         noise = torch.randn(z0.shape, generator=g)
-        a = ab[t].view(-1, 1, 1, 1)
-        z_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        z_t = scheduler.add_noise(z0, noise, t)
         down, mid = controlnet(z_t, t, encoder_hidden_states=emb[cap], controlnet_cond=control_all[i], return_dict=False)
         pred = unet(z_t, t, encoder_hidden_states=emb[cap], down_block_additional_residuals=down,
                     mid_block_additional_residual=mid).sample

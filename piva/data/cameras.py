@@ -1,4 +1,8 @@
-"""The Noe evaluation cameras (ARCHITECTURE.md section 5), threestudio-compatible."""
+"""Camera placement for the whole project: orbit poses and the Noe evaluation orbit (ARCHITECTURE.md section 5).
+
+It lives in the data layer because datasets, renderers, the front ends and the metrics all
+place cameras the same way (z-up world, OpenGL convention, threestudio-compatible).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ def orbit_c2w(azimuth_deg: float, elevation_deg: float, distance: float) -> np.n
     c2w = np.eye(4)
     c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, up, -forward, eye
     return c2w
+
+
+look_at = orbit_c2w  # the name the dataset code uses for the same pose
 
 
 def noe_cameras(n_views: int = 120, elevation: float = 15.0, distance: float = 4.0, fov_y: float = 50.0) -> dict:

@@ -1,0 +1,24 @@
+"""What a pair of prompts says about an edit, for rules that every front end applies the same way."""
+
+from __future__ import annotations
+
+import re
+
+# Basic colour terms (Berlin & Kay's eleven and common variants) plus light/dark modifiers.
+COLOUR_WORDS = frozenset(
+    "black white red green yellow blue brown purple pink orange grey gray golden gold silver "
+    "cyan magenta violet beige turquoise teal navy maroon crimson light dark pale bright".split()
+)
+
+
+def _words(prompt: str) -> list[str]:
+    return re.findall(r"[a-z]+", prompt.lower())
+
+
+def is_colour_only_edit(source_prompt: str, target_prompt: str) -> bool:
+    """True when the prompts differ, word for word, only in colour words ("a red cube" -> "a blue cube"):
+    such an edit needs no new geometry, so the scene's density can stay as captured."""
+    src, tgt = _words(source_prompt), _words(target_prompt)
+    if len(src) != len(tgt) or src == tgt:
+        return False
+    return all(a == b or (a in COLOUR_WORDS and b in COLOUR_WORDS) for a, b in zip(src, tgt))

@@ -1,0 +1,274 @@
+"""Runs made from the registered methods: reconstruct a source scene, edit it, resume, find checkpoints.
+
+`ns-train piva ...` builds its config from flags; the demo and the benchmark build theirs
+here, from the same registered `MethodSpecification`s (piva_config.METHODS). They choose
+sizes (`RunSize`) and inputs (data, prompts, model folders), never the method: a test
+holds every difference to the fields listed in SIZE_FIELDS and INPUT_FIELDS.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Tuple
+
+import torch
+
+def latest_checkpoint(directory: Path) -> Optional[Path]:
+    """The highest-step `step-*.ckpt` in a nerfstudio_models folder (the one place piva looks), or None."""
+    steps = sorted(int(p.stem.split("-")[1]) for p in Path(directory).glob("step-*.ckpt"))
+    return Path(directory) / f"step-{steps[-1]:09d}.ckpt" if steps else None
+
+
+# nerfacto at the size that reconstructs a toy object in minutes on 2 CPU cores (~0.15 s/iter
+# with the torch hash grid, measured); the appearance embedding is off because the toy views
+# share one exposure.
+CPU_FIELD = dict(
+    num_levels=8,
+    log2_hashmap_size=15,
+    max_res=256,
+    hidden_dim=32,
+    hidden_dim_color=32,
+    num_proposal_samples_per_ray=(64, 32),
+    num_nerf_samples_per_ray=32,
+    proposal_warmup=200,
+    proposal_weights_anneal_max_num_iters=200,
+    implementation="torch",
+    use_appearance_embedding=False,
+)
+
+
+@dataclass(frozen=True)
+class RunSize:
+    """What a caller may choose for a registered method: sizes (how long, how large, where), not the method."""
+
+    edit_steps: int = 15000
+    """Edit steps in all (a resumed edit runs what is left)."""
+    anneal_step: Optional[int] = 2000
+    """Edit step at which the timestep range anneals: a step count, so it scales with `edit_steps`."""
+    render_short_side: int = 512
+    """Short side of the views the diffusion model sees."""
+    rays_per_batch: int = 4096
+    """The field's own ray batch during the edit (proposal-network losses)."""
+    rays_per_chunk: int = 1 << 14
+    """Rays rendered and backpropagated at once."""
+    source_steps: int = 30000
+    """nerfacto steps for the source scene."""
+    source_rays_per_batch: int = 4096
+    """nerfacto's ray batch for the source scene."""
+    cpu_field: bool = False
+    """The CPU-size nerfacto (CPU_FIELD) for both the source scene and its edit."""
+    device: str = "cuda"
+    """cpu, cuda, mps."""
+
+    def with_edit_steps(self, edit_steps: Optional[int]) -> "RunSize":
+        """The same size with another edit length; the anneal step keeps its place in the run."""
+        if edit_steps is None or edit_steps == self.edit_steps:
+            return self
+        anneal = None if self.anneal_step is None else round(self.anneal_step * edit_steps / self.edit_steps)
+        return dataclasses.replace(self, edit_steps=edit_steps, anneal_step=anneal)
+
+
+# The toy world on 2 CPU cores (piva demo, benchmark --preset toy): 32 px views, 300 edit steps.
+TOY_SIZE = RunSize(edit_steps=300, anneal_step=150, render_short_side=32, rays_per_batch=256, rays_per_chunk=1 << 14,
+                   source_steps=600, source_rays_per_batch=1024, cpu_field=True, device="cpu")
+
+# Config fields a RunSize sets, and fields that hold the run's inputs and bookkeeping. An edit
+# built here differs from the registered method in these fields only (tests/test_nerfstudio.py).
+SIZE_FIELDS = frozenset({
+    "max_num_iterations", "pipeline.guidance.anneal_step", "pipeline.render_short_side",
+    "pipeline.datamanager.train_num_rays_per_batch", "pipeline.rays_per_chunk", "machine.device_type",
+    *(f"pipeline.model.{k}" for k in CPU_FIELD),
+})
+INPUT_FIELDS = frozenset({
+    "pipeline.guidance.source_prompt", "pipeline.guidance.target_prompt", "pipeline.diffusion_model",
+    "pipeline.controlnet_model", "pipeline.datamanager.dataparser", "pipeline.model.backdrop_rgb",
+    "pipeline.model.near_plane", "pipeline.model.far_plane", "pipeline.model.edit_geometry",
+    "output_dir", "experiment_name", "timestamp", "load_dir", "vis", "steps_per_save", "steps_per_eval_batch",
+    "steps_per_eval_image", "steps_per_eval_all_images", "machine.num_devices",
+})
+
+
+@dataclass(frozen=True)
+class ObjectScene:
+    """An object captured on a known backdrop: its Blender-layout dataset and the depth range of its cameras."""
+
+    data: Path
+    backdrop: Tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """Fixed colour behind the object (PivaNerfactoModelConfig.backdrop_rgb)."""
+    near: float = 0.5
+    far: float = 8.0
+    rgba: bool = True
+    """RGBA images (composited on white, nerfstudio's Blender default) or RGB on the backdrop."""
+
+    def parser(self):
+        from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
+
+        return BlenderDataParserConfig(data=Path(self.data), alpha_color="white" if self.rgba else None)
+
+    def model_settings(self, size: RunSize) -> dict:
+        return dict(CPU_FIELD if size.cpu_field else {}, backdrop_rgb=self.backdrop, near_plane=self.near,
+                    far_plane=self.far)
+
+
+def _machine(size: RunSize):
+    from nerfstudio.configs.base_config import MachineConfig
+
+    return MachineConfig(device_type=size.device, num_devices=1)
+
+
+def source_config(scene: ObjectScene, output_dir: Path, size: RunSize = RunSize()):
+    """nerfacto (offline-safe model class, same weights layout) on an object dataset: what `ns-train
+    nerfacto` writes, with the learning rates decaying over the run's own length."""
+    from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
+    from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
+    from nerfstudio.engine.optimizers import AdamOptimizerConfig
+    from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
+    from nerfstudio.engine.trainer import TrainerConfig
+    from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
+
+    from piva.nerfstudio.piva_model import PivaNerfactoModelConfig
+
+    steps = size.source_steps
+
+    def group():
+        return {"optimizer": AdamOptimizerConfig(lr=1e-2, eps=1e-15),
+                "scheduler": ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=steps)}
+
+    return TrainerConfig(
+        method_name="nerfacto", experiment_name="source", timestamp="run", output_dir=Path(output_dir),
+        max_num_iterations=steps, steps_per_save=steps, steps_per_eval_batch=1_000_000,
+        steps_per_eval_image=1_000_000, steps_per_eval_all_images=1_000_000, save_only_latest_checkpoint=True,
+        mixed_precision=False, machine=_machine(size),
+        pipeline=VanillaPipelineConfig(
+            datamanager=VanillaDataManagerConfig(dataparser=scene.parser(),
+                                                 train_num_rays_per_batch=size.source_rays_per_batch),
+            # Synthetic captures have exact poses.
+            model=PivaNerfactoModelConfig(average_init_density=0.01, **scene.model_settings(size),
+                                          camera_optimizer=CameraOptimizerConfig(mode="off")),
+        ),
+        optimizers={"proposal_networks": group(), "fields": group()},
+        vis="tensorboard",
+    )
+
+
+def edit_config(
+    method: str,
+    scene: ObjectScene,
+    load_dir: Path,
+    output_dir: Path,
+    source_prompt: str,
+    target_prompt: str,
+    size: RunSize = RunSize(),
+    diffusion_model: Optional[str] = None,
+    controlnet_model: Optional[str] = None,
+    edit_geometry: Optional[bool] = None,
+):
+    """The registered method `method` (piva_config.METHODS) with this run's inputs and sizes.
+
+    `edit_geometry` None keeps the method's rule (geometry kept for colour-only prompts)."""
+    from piva.nerfstudio.piva_config import METHODS
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    cfg = copy.deepcopy(METHODS[method].config)
+    pipe = cfg.pipeline
+    pipe.guidance = dataclasses.replace(pipe.guidance, source_prompt=source_prompt, target_prompt=target_prompt,
+                                        anneal_step=size.anneal_step)
+    if diffusion_model is not None:
+        pipe.diffusion_model = str(diffusion_model)
+    if controlnet_model is not None:
+        pipe.controlnet_model = str(controlnet_model)
+    pipe.render_short_side = size.render_short_side
+    pipe.rays_per_chunk = size.rays_per_chunk
+    pipe.datamanager = dataclasses.replace(pipe.datamanager, dataparser=scene.parser(),
+                                           train_num_rays_per_batch=size.rays_per_batch)
+    pipe.model = dataclasses.replace(pipe.model, **scene.model_settings(size), edit_geometry=edit_geometry)
+    cfg.output_dir, cfg.experiment_name, cfg.timestamp = Path(output_dir), "edit", "run"
+    cfg.load_dir = Path(load_dir)
+    cfg.max_num_iterations = size.edit_steps
+    cfg.steps_per_save = max(1, size.edit_steps // 4)
+    cfg.steps_per_eval_batch = cfg.steps_per_eval_image = cfg.steps_per_eval_all_images = 1_000_000
+    cfg.machine = _machine(size)
+    cfg.vis = "tensorboard"
+    return cfg
+
+
+def config_differences(a: Any, b: Any, prefix: str = "") -> Iterator[str]:
+    """Dotted names of the dataclass fields in which two configs differ (recursing into nested configs)."""
+    if dataclasses.is_dataclass(a) and type(a) is type(b):
+        for f in dataclasses.fields(a):
+            yield from config_differences(getattr(a, f.name), getattr(b, f.name), f"{prefix}{f.name}.")
+    elif isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        for k in a:
+            yield from config_differences(a[k], b[k], f"{prefix}{k}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
+def edit_steps_done(checkpoint: Path) -> int:
+    """How many edit steps a piva checkpoint holds (its step minus the step the edit started from, plus one)."""
+    from piva.nerfstudio.piva_pipeline import edit_start_step
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    start = edit_start_step(state["pipeline"])
+    if start is None:
+        raise ValueError(f"{checkpoint} is not a piva edit checkpoint")
+    return state["step"] - start + 1
+
+
+def edit(config) -> Path:
+    """Run an edit config to its last step; a killed edit resumes from its latest checkpoint.
+
+    `config.max_num_iterations` is the number of edit steps wanted in all. Returns the run
+    folder (config.yml + nerfstudio_models/)."""
+    run_dir = Path(config.get_base_dir())
+    wanted = config.max_num_iterations
+    last = latest_checkpoint(run_dir / "nerfstudio_models")
+    remaining = wanted - edit_steps_done(last) if last is not None else wanted
+    if last is not None:
+        config.load_dir = run_dir / "nerfstudio_models"
+    if remaining > 0:
+        config.max_num_iterations = remaining
+        try:
+            run(config)
+        finally:
+            config.max_num_iterations = wanted
+    return run_dir
+
+
+def run(config) -> Path:
+    """Train in this process, seeded as `ns-train` seeds it; returns the checkpoint folder."""
+    import random
+
+    import numpy as np
+
+    random.seed(config.machine.seed)
+    np.random.seed(config.machine.seed)
+    torch.manual_seed(config.machine.seed)
+    config.set_timestamp()
+    config.save_config()
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    trainer.train()
+    return config.get_checkpoint_dir()
+
+
+def reconstruct(scene: ObjectScene, output_dir: Path, size: RunSize = RunSize()) -> Path:
+    """The source scene's nerfstudio run folder, trained once (an existing checkpoint is kept)."""
+    cfg = source_config(scene, output_dir, size)
+    run_dir = Path(cfg.get_base_dir())
+    if latest_checkpoint(run_dir / "nerfstudio_models") is None:
+        run(cfg)
+    return run_dir
+
+
+def cli_args(scene: ObjectScene, size: RunSize) -> list[str]:
+    """The model settings of `source_config` as `ns-train` flags (runs the CLI on the same field)."""
+    args = []
+    for k, v in scene.model_settings(size).items():
+        flag = "--pipeline.model." + k.replace("_", "-")
+        args += [flag, *map(str, v)] if isinstance(v, tuple) else [flag, str(v)]
+    return args + ["--pipeline.model.camera-optimizer.mode", "off"]

@@ -1,0 +1,108 @@
+"""Validate a Noe-style manifest: the JSON schema, then the rules a schema cannot state.
+
+    .venv/bin/python -m piva.noe.validate [MANIFEST] [--full-benchmark]
+
+The schema ships inside the package (`manifest.schema.json` beside this file), so the
+runner and the tests validate without the repository's benchmark/ folder on any path.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+NERF_SYNTHETIC = ("chair", "drums", "ficus", "hotdog", "lego", "materials", "mic", "ship")
+TYPES = ("texturing", "addition", "translation")
+DEFAULT_MANIFEST = Path("benchmark") / "noe" / "manifest.json"
+"""The full benchmark's manifest, relative to a checkout (it is repository data, not package data)."""
+
+
+def load_schema() -> dict:
+    """The manifest's JSON schema (package data)."""
+    return json.loads(resources.files("piva.noe").joinpath("manifest.schema.json").read_text())
+
+
+class ManifestError(ValueError):
+    """A manifest breaks the schema or a benchmark rule; the message lists every problem."""
+
+
+def validate(manifest: Union[dict, str, Path], full_benchmark: bool = False) -> dict:
+    """Return the manifest if valid; raise ManifestError listing every problem otherwise."""
+    import jsonschema
+
+    if not isinstance(manifest, dict):
+        manifest = json.loads(Path(manifest).read_text())
+    schema = load_schema()
+    problems = [
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in sorted(jsonschema.Draft202012Validator(schema).iter_errors(manifest), key=lambda e: list(e.path))
+    ]
+    objects = {o.get("id"): o for o in manifest.get("objects", []) if isinstance(o, dict)}
+    for kind, items in (("object", manifest.get("objects", [])), ("edit", manifest.get("edits", []))):
+        dup = [k for k, n in Counter(i.get("id") for i in items if isinstance(i, dict)).items() if n > 1]
+        problems += [f"duplicate {kind} id {d!r}" for d in dup]
+    by_object: dict = {}
+    for e in manifest.get("edits", []):
+        if not isinstance(e, dict):
+            continue
+        o = objects.get(e.get("object"))
+        if o is None:
+            problems.append(f"edit {e.get('id')!r} names unknown object {e.get('object')!r}")
+            continue
+        if e.get("source_prompt") != o.get("source_prompt"):
+            problems.append(f"edit {e.get('id')!r}: source_prompt differs from its object's")
+        if e.get("source_prompt") == e.get("target_prompt"):
+            problems.append(f"edit {e.get('id')!r}: target_prompt equals source_prompt")
+        by_object.setdefault(o["id"], set()).add(e.get("type"))
+        if o.get("source") == "toyworld":
+            problems += _toy_caption_problems(e)
+    for oid in objects:
+        missing = [t for t in TYPES if t not in by_object.get(oid, set())]
+        if missing:
+            problems.append(f"object {oid!r} has no {', '.join(missing)} edit")
+    if full_benchmark:
+        n_obj, n_edit = len(objects), len(manifest.get("edits", []))
+        if (n_obj, n_edit) != (35, 112):
+            problems.append(f"Noe has 35 objects and 112 edits, this manifest {n_obj} and {n_edit}")
+        scenes = {o.get("scene") for o in objects.values() if o.get("source") == "nerf-synthetic"}
+        if scenes != set(NERF_SYNTHETIC):
+            problems.append(f"NeRF-synthetic scenes {sorted(scenes)} != {list(NERF_SYNTHETIC)}")
+    if problems:
+        raise ManifestError(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems))
+    return manifest
+
+
+def _toy_caption_problems(edit: dict) -> list:
+    """Toy-world prompts must be captions the toy world can build and judge."""
+    from piva.toyworld.scenes import Scene
+
+    out = []
+    for key in ("source_prompt", "target_prompt"):
+        try:
+            Scene.from_caption(str(edit.get(key, "")))
+        except ValueError as exc:
+            out.append(f"edit {edit.get('id')!r} {key}: {exc}")
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None, default: Path = DEFAULT_MANIFEST) -> int:
+    """CLI: validate MANIFEST (default: the full benchmark's, checked as the full benchmark); 0 when valid."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = [a for a in argv if not a.startswith("--")]
+    path = Path(args[0]) if args else Path(default)
+    try:
+        m = validate(path, full_benchmark="--full-benchmark" in argv or not args)
+    except (ManifestError, OSError, json.JSONDecodeError) as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 1
+    types = Counter(e["type"] for e in m["edits"])
+    print(f"{path}: valid - {len(m['objects'])} objects, {len(m['edits'])} edits {dict(types)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""Each knob declared once: CLI options made from the config dataclasses, the method's automatic rules, sizes."""
+
+import dataclasses
+
+import pytest
+
+from piva.cli import _IMAGE_GUIDANCE_SKIP, build_parser
+from piva.guidance import GuidanceConfig
+from piva.guidance.prompts import is_colour_only_edit
+from piva.image.edit import ImageEditConfig
+
+
+@pytest.mark.parametrize(
+    "source, target, colour_only",
+    [
+        ("a red cube", "a blue cube", True),
+        ("a red cube with a white stripe", "a blue cube with a white stripe", True),
+        ("A photo of a Red car.", "a photo of a dark green car", False),  # a word added
+        ("a photo of a red car", "a photo of a grey car", True),
+        ("a red cube", "a red sphere", False),
+        ("a red cube", "a red cube on a white plate", False),
+        ("a red cube", "a red cube", False),  # no edit at all
+        ("a man", "a man with a beard", False),
+    ],
+)
+def test_colour_only_rule(source, target, colour_only):
+    assert is_colour_only_edit(source, target) is colour_only
+
+
+def test_edit_image_options_are_made_from_the_dataclasses():
+    """Every GuidanceConfig and ImageEditConfig field the 2D editor uses is an option, with the same default."""
+    parser = build_parser()
+    args = parser.parse_args(["edit-image", "--image", "x.png", "--source", "a", "--target", "b", "--out", "o"])
+    for cls, skip in ((GuidanceConfig, _IMAGE_GUIDANCE_SKIP), (ImageEditConfig, ())):
+        for f in dataclasses.fields(cls):
+            if f.name not in skip:
+                assert getattr(args, f.name) == f.default, f.name
+    args = parser.parse_args(["edit-image", "--image", "x.png", "--source", "a", "--target", "b", "--out", "o",
+                              "--same-latent", "false", "--t-range", "0.1", "0.9", "--pixel-gradient", "decoded",
+                              "--adapter-guidance-scale", "2", "--steps", "7"])
+    assert (args.same_latent, args.t_range, args.pixel_gradient, args.adapter_guidance_scale, args.steps) == (
+        False, [0.1, 0.9], "decoded", 2.0, 7)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["edit-image", "--image", "x", "--source", "a", "--target", "b", "--out", "o",
+                           "--pixel-gradient", "sideways"])
+
+
+def test_run_size_keeps_the_anneal_in_its_place():
+    pytest.importorskip("nerfstudio")
+    from piva.nerfstudio.runs import TOY_SIZE, RunSize
+
+    assert TOY_SIZE.with_edit_steps(600).anneal_step == 2 * TOY_SIZE.anneal_step
+    assert TOY_SIZE.with_edit_steps(None) is TOY_SIZE
+    assert RunSize(anneal_step=None).with_edit_steps(10).anneal_step is None
