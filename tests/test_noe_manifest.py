@@ -54,7 +54,15 @@ def broken(change):
 )
 def test_validator_rejects_bad_entries(change, message):
     with pytest.raises(ManifestError, match=message):
-        validate(broken(change))
+        validate(broken(change), full_benchmark=True)
+
+
+def test_a_subset_need_not_have_every_edit_type():
+    """Noe's every-type-per-object rule holds for the full benchmark only (a user's subset, the toy manifest)."""
+    subset = broken(lambda m: m.update(edits=[e for e in m["edits"] if not (e["object"] == "chair" and e["type"] == "addition")]))
+    validate(subset)
+    with pytest.raises(ManifestError, match="object 'chair' has no addition edit"):
+        validate(subset, full_benchmark=True)
 
 
 def test_the_schema_is_package_data():
@@ -68,9 +76,15 @@ def test_the_schema_is_package_data():
 def test_toy_manifest_is_valid_and_checked_for_toy_captions():
     toy = json.loads((ROOT / "benchmark" / "noe" / "toy-manifest.json").read_text())
     validate(toy)
+    assert len(toy["objects"]) >= 8 and len(toy["edits"]) >= 24
+    counts = {t: sum(e["type"] == t for e in toy["edits"]) for t in ("texturing", "addition", "translation")}
+    assert len(set(counts.values())) == 1, counts  # spread evenly over the three types
     bad = copy.deepcopy(toy)
     bad["edits"][0]["target_prompt"] = "a teapot on fire"
     with pytest.raises(ManifestError, match="not a toy-world caption"):
+        validate(bad)
+    bad["edits"][0]["target_prompt"] = "a red cube on a white plate with a black hat"
+    with pytest.raises(ManifestError, match="at most one"):
         validate(bad)
 
 

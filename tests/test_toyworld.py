@@ -19,6 +19,9 @@ def test_captions_round_trip():
     assert Scene.from_caption(s.caption) == s
     with pytest.raises(ValueError, match="not a toy-world caption"):
         Scene.from_caption("a teapot")
+    # Words beyond the known parts are not silently dropped; the error lists the vocabulary.
+    with pytest.raises(ValueError, match="colours red, green, blue, yellow, purple, cyan; shapes cube, sphere"):
+        Scene.from_caption("a red cube on fire")
     with pytest.raises(ValueError, match="unknown colour"):
         Scene("cube", "magenta")
 

@@ -82,10 +82,18 @@ class Scene:
     @staticmethod
     def from_caption(caption: str) -> "Scene":
         """Inverse of `caption` for the captions this world produces."""
-        words = caption.strip().lower().split()
-        if len(words) < 3 or words[0] != "a" or words[1] not in COLORS or words[2] not in SHAPES:
-            raise ValueError(f"{caption!r} is not a toy-world caption (e.g. 'a red cube on a white plate')")
-        parts = tuple(p for p in PARTS if PART_PHRASES[p] in caption)
+        text = " ".join(caption.strip().lower().split())
+        words = text.split()
+        rest = " ".join(words[3:])
+        parts = tuple(p for p in PARTS if PART_PHRASES[p] in rest)
+        for p in parts:
+            rest = rest.replace(PART_PHRASES[p], "", 1)
+        if len(words) < 3 or words[0] != "a" or words[1] not in COLORS or words[2] not in SHAPES or rest.strip():
+            raise ValueError(
+                f"{caption!r} is not a toy-world caption: 'a <colour> <shape>' with at most the parts "
+                f"{' / '.join(repr(PART_PHRASES[p]) for p in PARTS)}; colours {', '.join(COLORS)}; "
+                f"shapes {', '.join(SHAPES)} (e.g. 'a red cube on a white plate')"
+            )
         return Scene(shape=words[2], color=words[1], parts=parts)
 
 
