@@ -80,6 +80,28 @@ def _key(**settings) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def source_scene(out_dir: Path, source: str, views: int, seed: int, size: runs.RunSize):
+    """The toy scene's dataset and nerfacto reconstruction, cached under `out_dir/scenes/<caption>-<settings>`:
+    another caption, seed or step count builds anew instead of reusing an earlier result."""
+    scene_settings = dict(source=source, views=views, seed=seed, source_steps=size.source_steps, model=runs.CPU_FIELD)
+    scene_dir = Path(out_dir) / "scenes" / f"{_slug(source)}-{_key(**scene_settings)}"
+    data = scene_dir / "data"
+    if not (data / "transforms_train.json").is_file():
+        write_blender_dataset(Scene.from_caption(source), data, n_train=views, n_val=4, size=64, seed=seed)
+    scene = toy_object_scene(data)
+    return scene, scene_dir, runs.reconstruct(scene, scene_dir, size)
+
+
+def judge_edit(source_run: Path, edit_run: Path, source: Scene, target: Scene):
+    """Both runs rendered on 12 orbit views and scored: (original, edited pipelines, before, after, metrics)."""
+    original, _ = load_pipeline(source_run)
+    edited, _ = load_pipeline(edit_run)
+    eval_cams = toy_orbit(12)
+    before = render_views(original, eval_cams)
+    after = render_views(edited, eval_cams)
+    return original, edited, before, after, score(after["rgb"], before["rgb"], source, target, eval_cams)
+
+
 def run_demo(
     out_dir: Path,
     source: str = "a red cube",
@@ -106,17 +128,8 @@ def run_demo(
             raise FileNotFoundError(f"toy prior missing ({d}): run scripts/train_toy_prior.py")
     t0 = time.perf_counter()
     timings = {}
-    # Each cached step lives in a folder named by its settings: another caption, seed or step
-    # count builds anew instead of reusing (or overwriting) an earlier result.
-    scene_settings = dict(source=source, views=views, seed=seed, source_steps=source_steps, model=runs.CPU_FIELD)
-    scene_dir = out_dir / "scenes" / f"{_slug(source)}-{_key(**scene_settings)}"
-    data = scene_dir / "data"
-    if not (data / "transforms_train.json").is_file():
-        write_blender_dataset(src, data, n_train=views, n_val=4, size=64, seed=seed)
-    scene = toy_object_scene(data)
-
     print(f"[demo] 1/3 reconstructing '{source}' with nerfacto ({source_steps} steps; kept once done)")
-    source_run = runs.reconstruct(scene, scene_dir, size)
+    scene, scene_dir, source_run = source_scene(out_dir, source, views, seed, size)
     timings["source_scene_s"] = round(time.perf_counter() - t0, 1)
 
     print(f"[demo] 2/3 editing '{source}' -> '{target}' with {registered} ({edit_steps} steps, geometry {geometry}; "
@@ -129,12 +142,7 @@ def run_demo(
     timings["edit_s"] = round(time.perf_counter() - t0 - timings["source_scene_s"], 1)
 
     print("[demo] 3/3 rendering before/after and judging")
-    original, _ = load_pipeline(source_run)
-    edited, _ = load_pipeline(edit_run)
-    eval_cams = toy_orbit(12)
-    before = render_views(original, eval_cams)
-    after = render_views(edited, eval_cams)
-    metrics = score(after["rgb"], before["rgb"], src, tgt, eval_cams)
+    original, edited, before, after, metrics = judge_edit(source_run, edit_run, src, tgt)
     save_image_grid(out_dir / f"before_after_{method}.png", [before["rgb"][:6], after["rgb"][:6]], scale=4)
     turn_cams = toy_orbit(36, size=64)
     b, a = render_views(original, turn_cams)["rgb"], render_views(edited, turn_cams)["rgb"]

@@ -52,3 +52,21 @@ def test_run_size_keeps_the_anneal_in_its_place():
     assert TOY_SIZE.with_edit_steps(600).anneal_step == 2 * TOY_SIZE.anneal_step
     assert TOY_SIZE.with_edit_steps(None) is TOY_SIZE
     assert RunSize(anneal_step=None).with_edit_steps(10).anneal_step is None
+
+
+def test_opacity_entropy_against_hand_values():
+    pytest.importorskip("nerfstudio")
+    import math
+
+    import torch
+
+    from piva.nerfstudio.piva_pipeline import opacity_entropy
+
+    assert opacity_entropy(torch.tensor([0.5])).item() == pytest.approx(math.log(2), rel=1e-6)
+    assert opacity_entropy(torch.tensor([0.0, 1.0])).item() < 2e-3  # empty and opaque rays cost (almost) nothing
+    p = 0.2
+    assert opacity_entropy(torch.tensor([[p], [0.5]])).item() == pytest.approx(
+        (-(p * math.log(p) + (1 - p) * math.log(1 - p)) + math.log(2)) / 2, rel=1e-6)
+    acc = torch.tensor([0.3, 0.6], requires_grad=True)
+    opacity_entropy(acc).backward()
+    assert acc.grad[0] > 0 > acc.grad[1]  # descent pushes each ray towards its nearer end

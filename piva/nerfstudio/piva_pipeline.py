@@ -39,6 +39,12 @@ def edit_start_step(pipeline_state: Mapping[str, Any]) -> Optional[int]:
     return None if meta is None else meta.get("edit_start_step")
 
 
+def opacity_entropy(accumulation: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Mean binary entropy (nats) of per-ray opacities in [0, 1]: 0 for empty or opaque rays, log 2 at 0.5."""
+    a = accumulation.float().clamp(eps, 1 - eps)
+    return -(a * a.log() + (1 - a) * (1 - a).log()).mean()
+
+
 def _nerfstudio_guidance() -> GuidanceConfig:
     """The method's score settings for captured scenes; each knob is declared once, in GuidanceConfig.
 
@@ -68,6 +74,10 @@ class PivaPipelineConfig(VanillaPipelineConfig):
     """Depths beyond this count as background for the depth ControlNet (so do pixels with opacity < 0.5)."""
     seed: int = 0
     """Seed of camera, timestep and noise sampling."""
+    opacity_entropy_weight: float = 0.0
+    """Weight of a binary-entropy loss on the opacity of the field's own ray batch (geometry edits only):
+    pushes each ray to empty or opaque, against the translucent shells and floaters that score
+    distillation leaves when it changes a shape (0: off)."""
 
     @property
     def uses_controlnet(self) -> bool:
@@ -207,6 +217,9 @@ class PivaPipeline(VanillaPipeline):
             metrics_dict = self.model.get_metrics_dict(model_outputs, batch)
             losses = self.model.get_loss_dict(model_outputs, batch, metrics_dict)
             loss_dict = {k: v for k, v in losses.items() if k != "rgb_loss"}
+            if self.config.opacity_entropy_weight > 0:
+                loss_dict["opacity_entropy"] = self.config.opacity_entropy_weight * opacity_entropy(
+                    model_outputs["accumulation"])
 
         index = int(torch.randint(0, len(self.original_rgb), (1,), generator=g))
         cam = self._camera(index)
