@@ -22,14 +22,13 @@ def _bool(text: str) -> Optional[bool]:
     return value
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (), **defaults) -> None:
+def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
     """One `--field-name` option per field of `cls`, typed, with the field's default and docstring."""
     hints, docs = get_type_hints(cls), _docs(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or f.name.startswith("_"):
+        if f.name in skip:
             continue
-        tp, kw = hints[f.name], {}
-        default = defaults.get(f.name, f.default)
+        tp, kw, default = hints[f.name], {}, f.default
         args = [a for a in get_args(tp) if a is not type(None)]
         if get_origin(tp) is Literal:
             kw = dict(choices=list(get_args(tp)))

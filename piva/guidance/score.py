@@ -97,6 +97,11 @@ class GuidanceConfig:
     def uses_same_latent(self) -> bool:
         return self.mode == "piva" if self.same_latent is None else self.same_latent
 
+    @property
+    def uses_source_latent(self) -> bool:
+        """DDS (or PiVa's DDS term) on the original's own noisy latent: `step` then needs the original render."""
+        return self.mode != "sds" and not self.uses_same_latent
+
 
 @dataclass
 class GuidanceOutput:
@@ -120,7 +125,7 @@ class ScoreDistillation:
         )
         emb = prior.encode_prompts(["", config.source_prompt, config.target_prompt])
         self.uncond_text, self.source_text, self.target_text = emb[0:1], emb[1:2], emb[2:3]
-        self._variant = "sds" if config.mode == "sds" else "dds_same_latent" if config.uses_same_latent else "dds"
+        self._variant = "sds" if config.mode == "sds" else "dds" if config.uses_source_latent else "dds_same_latent"
         self.adapters: Optional[DualAdapters] = None
         if config.mode == "piva":
             self.adapters = DualAdapters(

@@ -72,7 +72,7 @@ class RunSize:
 
 
 # The toy world on 2 CPU cores (piva demo, benchmark --preset toy): 32 px views, 300 edit steps.
-TOY_SIZE = RunSize(edit_steps=300, anneal_step=150, render_short_side=32, rays_per_batch=256, rays_per_chunk=1 << 14,
+TOY_SIZE = RunSize(edit_steps=300, anneal_step=150, render_short_side=32, rays_per_batch=256,
                    source_steps=600, source_rays_per_batch=1024, cpu_field=True, device="cpu")
 
 # Config fields a RunSize sets, and fields that hold the run's inputs and bookkeeping. An edit

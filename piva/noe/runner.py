@@ -7,6 +7,7 @@ interrupted edit resumes from its latest nerfstudio checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
@@ -119,7 +120,9 @@ class NerfstudioBackend:
             return str(PRIOR_DIR), str(CONTROLNET_DIR)
         return None, None
 
+    @functools.cached_property
     def cameras(self):
+        """The evaluation cameras (built once per backend): views, unique mask, recorded setting."""
         from piva.data.cameras import noe_cameras
         from piva.data.views import Camera
 
@@ -134,13 +137,13 @@ class NerfstudioBackend:
     def render(self, run: Path, what: str) -> torch.Tensor:
         from piva.nerfstudio.views import load_pipeline, render_views
 
-        cams, _, _ = self.cameras()
+        cams, _, _ = self.cameras
         pipeline, _ = load_pipeline(run, device=self.opts.device)
         return render_views(pipeline, cams, progress=f"[noe] rendering {what}")["rgb"]
 
     def original(self, obj: dict, record: dict) -> torch.Tensor:
         """The original scene at the evaluation cameras, rendered once per object and kept."""
-        _, _, setting = self.cameras()
+        _, _, setting = self.cameras
         cache = object_dir(self.opts.prepare.root, obj) / f"original_eval_{setting['views']}x{setting['size']}.pt"
         if cache.is_file():
             return torch.load(cache)
@@ -166,7 +169,7 @@ class NerfstudioBackend:
             cfg.experiment_name = edit["id"]
             run = runs.edit(cfg)
         wall = time.perf_counter() - t0
-        _, unique, setting = self.cameras()
+        _, unique, setting = self.cameras
         original = self.original(obj, record)
         edited = original.clone() if run is None else self.render(run, edit["id"])
         return EditOutcome(edited, original, unique, setting, wall, run)

@@ -114,4 +114,4 @@ def guidance_config(settings: Union[GuidanceSettings, Mapping[str, Any], Any]) -
 
 def needs_original(config: GuidanceConfig) -> bool:
     """Whether a step needs the ORIGINAL scene's render: PiVa's source adapter, or DDS with the true source latent."""
-    return config.mode == "piva" or (config.mode != "sds" and not config.uses_same_latent)
+    return config.mode == "piva" or config.uses_source_latent

@@ -116,7 +116,7 @@ class ChannelsLastGuidance:
         noise: Optional[torch.Tensor] = None,
     ) -> dict:
         """One score-distillation step on a channels-last render; the loss backpropagates into it."""
-        true_source = self.config.mode != "sds" and not self.config.uses_same_latent
+        true_source = self.config.uses_source_latent
         if true_source and source_rgb is None:
             raise ValueError(f"{self.config.mode} with same_latent=false needs the original scene's render (source_rgb)")
         src = self.image(source_rgb.detach(), "original render") if true_source else None
