@@ -81,6 +81,37 @@ def test_each_adapter_learns_only_from_its_own_renders(tiny_dir):
     assert same(t1, t3) and not same(s1, s3)
 
 
+def test_adapter_update_is_the_same_with_gradient_checkpointing(tiny_dir):
+    """Checkpointing changes memory, not the step: the re-run blocks must still route each row to its adapter."""
+    rgb, depth = renders(6)
+    original, odepth = renders(7)
+    result = {}
+    options = {"plain": {}, "checkpointing": dict(adapter_checkpointing=True)}
+    for name, kw in options.items():
+        prior = DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu")
+        torch.manual_seed(0)
+        sd = make(prior, **kw)
+        with torch.no_grad():
+            for p in sd.adapters.parameters[SOURCE] + sd.adapters.parameters[TARGET]:
+                p.add_(0.01)
+        losses = sd.update_adapters(rgb, depth=depth, source_rgb=original, source_depth=odepth,
+                                    generator=torch.Generator().manual_seed(5))
+        result[name] = (losses, adapter_params(sd, SOURCE) + adapter_params(sd, TARGET))
+    (l1, p1), *others = result.values()
+    for l2, p2 in others:
+        assert l1 == pytest.approx(l2, rel=1e-5)
+        assert len(p1) == len(p2) > 0
+        for a, b in zip(p1, p2):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_adapters_update_every_kth_call(prior):
+    sd = make(prior, adapter_update_every=3)
+    rgb, depth = renders(0)
+    done = [bool(sd.update_adapters(rgb, depth=depth, source_rgb=rgb, source_depth=depth)) for _ in range(7)]
+    assert done == [True, False, False, True, False, False, True]
+
+
 def test_an_adapter_update_changes_only_adapter_parameters(prior):
     sd = make(prior)
     lora_before = {k: v.clone() for k, v in prior.unet.state_dict().items() if ".lora_" in k}

@@ -86,6 +86,7 @@ class DualAdapters:
         lr: float = 1e-4,
         use_controlnet: bool = True,
         alpha: Optional[float] = None,
+        checkpointing: bool = False,
     ) -> None:
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig, inject_adapter_in_model
@@ -108,6 +109,10 @@ class DualAdapters:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=".*multiple adapters.*")
                     inject_adapter_in_model(config, model, adapter_name=name)
+        self.checkpointing = checkpointing
+        if checkpointing:  # acts only where gradients are recorded: the update, never the no-grad score
+            for model in self.models.values():
+                model.enable_gradient_checkpointing()
         # LoRA B starts at zero: both adapters begin as the base model (Alg. 1).
         self.parameters = {name: self._adapter_parameters(name) for name in (SOURCE, TARGET)}
         # peft marks both adapters trainable (the base stays frozen); train them in fp32 on a half-precision base.
@@ -198,18 +203,23 @@ class DualAdapters:
         t = torch.randint(0, prior.num_train_timesteps, (2 * b,), generator=generator, device="cpu").to(prior.device)
         noise = torch.randn(x0.shape, generator=generator, device="cpu").to(prior.device, prior.dtype)
         z_t = prior.add_noise(x0, noise, t)
-        for m in self.models.values():
-            m.train()
-        try:
-            out = self.predict(z_t, t, text, routes, control)
-        finally:
+        with contextlib.ExitStack() as stack:
+            if self.checkpointing:
+                # The backward pass re-runs checkpointed blocks: the rows must still be routed then.
+                for m in self.models.values():
+                    stack.enter_context(route_adapters(m, routes))
             for m in self.models.values():
-                m.eval()
-        target = prior.training_target(x0, noise, t)
-        per_row = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)
-        loss_source, loss_target = per_row[:b].mean(), per_row[b:].mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss_source + loss_target).backward()
+                m.train()
+            try:
+                out = self.predict(z_t, t, text, routes, control)
+            finally:
+                for m in self.models.values():
+                    m.eval()
+            target = prior.training_target(x0, noise, t)
+            per_row = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)
+            loss_source, loss_target = per_row[:b].mean(), per_row[b:].mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            (loss_source + loss_target).backward()
         self.optimizer.step()
         return {"source_adapter_loss": loss_source.item(), "target_adapter_loss": loss_target.item()}
 

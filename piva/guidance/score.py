@@ -74,6 +74,11 @@ class GuidanceConfig:
     """Learning rate of the adapters' own AdamW optimizer."""
     use_controlnet: bool = True
     """Condition the adapters on depth through the ControlNet (3D); 2D editing uses the UNet alone."""
+    adapter_update_every: int = 1
+    """Update the adapters at every k-th call (1: every step, as in the paper). Larger k costs less per step
+    (score + update/k) and lets the target adapter lag the edit further behind."""
+    adapter_checkpointing: bool = False
+    """Gradient checkpointing in the adapters' update: less activation memory for about a third more update compute."""
     pixel_gradient: Literal["encoder", "decoded"] = "encoder"
     """How the latent gradient reaches an RGB input: "encoder" (the paper: through the VAE encoder's
     Jacobian) or "decoded" (the latent step decoded by the VAE, D(z) - D(z - grad)). A small VAE's
@@ -90,6 +95,8 @@ class GuidanceConfig:
             raise ValueError("guidance scales must be >= 1")
         if self.adapter_rank < 1 or self.adapter_lr <= 0:
             raise ValueError("adapter_rank must be >= 1 and adapter_lr > 0")
+        if self.adapter_update_every < 1:
+            raise ValueError("adapter_update_every must be >= 1 (1: update the adapters at every step)")
         if self.pixel_gradient not in ("encoder", "decoded"):
             raise ValueError(f"pixel_gradient {self.pixel_gradient!r}: choose 'encoder' (paper) or 'decoded'")
 
@@ -129,8 +136,10 @@ class ScoreDistillation:
         self.adapters: Optional[DualAdapters] = None
         if config.mode == "piva":
             self.adapters = DualAdapters(
-                prior, rank=config.adapter_rank, lr=config.adapter_lr, use_controlnet=config.use_controlnet
+                prior, rank=config.adapter_rank, lr=config.adapter_lr, use_controlnet=config.use_controlnet,
+                checkpointing=config.adapter_checkpointing,
             )
+        self._update_calls = 0
 
     # -- inputs -----------------------------------------------------------------
     def check_rgb(self, rgb: torch.Tensor, what: str = "render") -> torch.Tensor:
@@ -311,6 +320,9 @@ class ScoreDistillation:
     ) -> dict:
         """Train the source adapter on the _ORIGINAL render and the target adapter on the CURRENT one."""
         if self.adapters is None:
+            return {}
+        self._update_calls += 1
+        if (self._update_calls - 1) % self.config.adapter_update_every:
             return {}
         with torch.no_grad():
             z = self.latents_of(rgb.detach() if rgb is not None else None, latents, "edited", generator)

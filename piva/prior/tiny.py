@@ -139,11 +139,18 @@ def build_tiny_prior(
         controlnet = ControlNetModel.from_unet(
             unet, conditioning_embedding_out_channels=tuple(cfg["controlnet"]["conditioning_embedding_out_channels"])
         )
-        # ...but a random prior with silent zero convs would hide depth-routing bugs in
-        # tests, so they get small random weights here.
-        with torch.no_grad():
-            for name, p in controlnet.named_parameters():
-                if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
-                    p.normal_(0, 0.05)
+        wake_zero_convs(controlnet)
         controlnet.save_pretrained(out / "controlnet")
     return out
+
+
+def wake_zero_convs(controlnet: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
+    """Small random weights for a new ControlNet's zero convolutions.
+
+    A trained ControlNet's are not zero; a random one with silent zero convs would give
+    its LoRA layers no gradient and hide depth-routing bugs in tests."""
+    with torch.no_grad():
+        for name, p in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                p.normal_(0, std)
+    return controlnet
