@@ -252,3 +252,28 @@ def test_annealed_timesteps():
     late = [s.sample(10, g) for _ in range(400)]
     assert min(early) >= 20 and max(early) < 980 and max(early) > 600
     assert min(late) >= 20 and max(late) < 500
+
+
+def test_noise_draws_average_single_draws(prior, latents):
+    """noise_draws=2 on noises (n1, n2) is the mean of two one-draw steps: for DDS and for PiVa with depth."""
+    z, noise, z_src = latents
+    noise2 = torch.randn(noise.shape, generator=torch.Generator().manual_seed(11))
+    _, g1, _ = run_step(prior, "dds", z, noise, source_latents=z_src)
+    _, g2, _ = run_step(prior, "dds", z, noise2, source_latents=z_src)
+    _, g12, _ = run_step(prior, "dds", z, torch.cat([noise, noise2]), source_latents=z_src, noise_draws=2)
+    torch.testing.assert_close(g12, (g1 + g2) / 2, rtol=1e-4, atol=1e-6)
+
+    sd = ScoreDistillation(prior, GuidanceConfig(mode="piva", source_prompt=SRC, target_prompt=TGT))
+    randomize_adapters(prior.unet, 1)
+    randomize_adapters(prior.controlnet, 2)
+    depth = torch.rand(2, 1, 32, 32) * 2 + 2
+    grads = []
+    for draws, n in ((1, noise), (1, noise2), (2, torch.cat([noise, noise2]))):
+        sd.config.noise_draws = draws
+        zz = z.clone().requires_grad_(True)
+        sd.step(latents=zz, depth=depth, t=T, noise=n).loss.backward()
+        grads.append(zz.grad)
+    assert (grads[0] - grads[1]).abs().max() > 1e-4
+    torch.testing.assert_close(grads[2], (grads[0] + grads[1]) / 2, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="noise_draws"):
+        sd.step(latents=z, depth=depth, t=T, noise=noise)

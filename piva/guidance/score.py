@@ -68,6 +68,9 @@ class GuidanceConfig:
     """Timestep range after `anneal_step`."""
     anneal_step: Optional[int] = None
     """Step at which the range anneals; None keeps `t_range` throughout."""
+    noise_draws: int = 1
+    """Noise samples averaged per step (same view, same t; 1: the paper). More draws lower the variance
+    of the update, which 3D edits that create density need; they cost UNet rows, not renders."""
     adapter_rank: int = 4
     """LoRA rank of each adapter."""
     adapter_lr: float = 1e-4
@@ -95,6 +98,8 @@ class GuidanceConfig:
             raise ValueError("guidance scales must be >= 1")
         if self.adapter_rank < 1 or self.adapter_lr <= 0:
             raise ValueError("adapter_rank must be >= 1 and adapter_lr > 0")
+        if self.noise_draws < 1:
+            raise ValueError("noise_draws must be >= 1 (1: one noise sample per step, as in the paper)")
         if self.adapter_update_every < 1:
             raise ValueError("adapter_update_every must be >= 1 (1: update the adapters at every step)")
         if self.pixel_gradient not in ("encoder", "decoded"):
@@ -222,15 +227,23 @@ class ScoreDistillation:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not decoded):  # decoded: no encoder graph needed
             z = self.latents_of(rgb, latents, "edited", generator)
         t = self.schedule.sample(step, generator) if t is None else int(t)
+        # noise_draws: every latent repeated, each copy with its own noise; the scores are averaged.
+        draws = cfg.noise_draws
+        zd = z.detach().repeat(draws, 1, 1, 1)
         if noise is None:
-            noise = torch.randn(z.shape, generator=generator, device="cpu")
+            noise = torch.randn(zd.shape, generator=generator, device="cpu")
+        if noise.shape != zd.shape:
+            raise ValueError(f"noise {tuple(noise.shape)} must match the latents repeated for noise_draws {tuple(zd.shape)}")
         noise = noise.to(prior.device, z.dtype)
 
         # Same noise and t in every branch (eq. 4).
-        noisy = {_EDITED: prior.add_noise(z.detach(), noise, t)}
+        noisy = {_EDITED: prior.add_noise(zd, noise, t)}
         if self._variant == "dds":
-            noisy[_ORIGINAL] = prior.add_noise(self._source_latents(z, source_rgb, source_latents, generator), noise, t)
-        eps = self._predict(self._rows(noisy), t, depth, z)
+            z_src = self._source_latents(z, source_rgb, source_latents, generator).repeat(draws, 1, 1, 1)
+            noisy[_ORIGINAL] = prior.add_noise(z_src, noise, t)
+        if depth is not None and draws > 1:
+            depth = depth.repeat(draws, 1, 1, 1) if depth.dim() == 4 else depth.repeat(draws, 1, 1)
+        eps = self._predict(self._rows(noisy), t, depth, zd)
 
         score = _DELTA[self._variant](eps, cfg.guidance_scale, noise.float())
         diagnostics = {"t": t, "delta_norm": score.norm().item()}
@@ -238,6 +251,7 @@ class ScoreDistillation:
             reg = self._identity(eps)
             diagnostics["identity_norm"] = reg.norm().item()
             score = score + cfg.identity_weight * reg
+        score = score.view(draws, *z.shape).mean(0)
         grad = torch.nan_to_num(sds_weight(prior.alphas_cumprod, torch.tensor(t, device=prior.device)) * score)
         diagnostics["grad_norm"] = grad.norm().item()
         loss = self._decoded_loss(grad, z, rgb) if decoded else (grad * z.float()).sum() / z.shape[0]
