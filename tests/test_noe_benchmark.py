@@ -297,6 +297,22 @@ def test_threestudio_backend_commands(tmp_path):
     assert "custom/threestudio-piva/configs/piva-noe.yaml" in cmd and not any("mode=" in c for c in cmd)
 
 
+@pytest.mark.parametrize("method", ["piva", "dds", "sds"])
+def test_threestudio_backend_configs_weight_the_loss_their_guidance_returns(tmp_path, method):
+    """The merged config (YAML + the command's overrides, as launch.py merges them) has lambda_<mode>
+    for the loss the guidance returns (loss_<mode>): sds through the dds config used to miss it."""
+    from omegaconf import OmegaConf
+
+    from piva.threestudio import backend
+
+    edit = {"id": "cake-0", "source_prompt": "a round cake", "target_prompt": "a square cake"}
+    cmd, _ = backend.edit_command(tmp_path, method, tmp_path / "src.ckpt", edit, tmp_path / "out")
+    yaml = Path(__file__).parents[1] / "configs" / "threestudio" / Path(cmd[3]).name
+    cfg = OmegaConf.merge(OmegaConf.load(yaml), OmegaConf.from_dotlist([c for c in cmd[5:] if "=" in c]))
+    assert cfg.system.guidance.mode == method
+    assert cfg.system.loss[f"lambda_{method}"] == 1.0
+
+
 def _prepare_in_child(root: str, counter: str) -> None:
     """One worker preparing the toy red cube; each view it renders appends its pid to `counter`."""
     from piva.noe import prepare

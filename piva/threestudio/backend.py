@@ -62,7 +62,9 @@ def edit_command(root: Path, method: str, source_ckpt: Path, edit: dict, out: Pa
         "tag": f"{edit['id']}-{method}",
     }
     if method == "sds":
+        # SDS shares the DDS config; its guidance returns loss_sds, which the system weights by lambda_sds.
         overrides["system.guidance.mode"] = "sds"
+        overrides["system.loss.lambda_sds"] = "1."
     if steps:
         overrides["trainer.max_steps"] = str(steps)
     cmd = _launch(root, CONFIGS[method], overrides, out)
