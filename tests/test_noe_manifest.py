@@ -99,3 +99,25 @@ def test_cli_exit_codes(tmp_path, capsys):
     run = subprocess.run([sys.executable, str(ROOT / "benchmark" / "noe" / "validate.py")], capture_output=True,
                          text=True, cwd=tmp_path)
     assert run.returncode == 0 and "valid - 35 objects" in run.stdout, run.stderr
+
+
+def test_a_users_manifest_needs_only_what_the_runner_reads(tmp_path):
+    """The README's sample (meshes with and without materials, a folder of posed RGBA images) validates as it is;
+    Noe's bookkeeping fields are not asked for, and what the runner does read gets one line each."""
+    sample = json.loads((ROOT / "examples" / "my-objects.json").read_text())
+    assert not any(k in sample for k in ("version", "note"))
+    assert not any("license" in o or "category" in o for o in sample["objects"])
+    validate(sample)
+    with pytest.raises(ManifestError, match="'version' is a required property"):
+        validate(sample, full_benchmark=True)
+    bad = json.loads(json.dumps(sample))
+    bad["objects"][0].pop("path")
+    bad["edits"][0].pop("target_prompt")
+    with pytest.raises(ManifestError) as err:
+        validate(bad)
+    lines = str(err.value).splitlines()[1:]
+    assert len(lines) == 2 and any("'path' is a required property" in x for x in lines)
+    assert any("'target_prompt' is a required property" in x for x in lines)
+    (tmp_path / "broken.json").write_text("{ not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        validate(tmp_path / "broken.json")

@@ -1,7 +1,8 @@
 """Leaderboards from stored results: markdown and a static HTML page (thumbnails, a CLIP-vs-LPIPS plot).
 
-The paper's own Noe numbers are shown as a reference row labelled "reported" (they
-come from the paper's table 2, not from this machine).
+On the Noe manifest, the paper's own numbers are shown as a reference row labelled
+"reported" (they come from the paper's table 2, not from this machine); other
+manifests (the toy Noe, a user's objects) are not comparable with them and get none.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def load_results(out: Path) -> list[dict]:
                     peak_mb=r["peak_memory"].get("gpu_peak_mb", r["peak_memory"].get("process_peak_rss_mb")))
         rows.append({"method": r["method"], "type": r["edit"]["type"], "edit": r["edit"], "values": flat,
                      "thumbnail": f"results/{r['method']}/{r['thumbnail']}", "models": r["metrics"].get("models", {}),
-                     "unavailable": r["metrics"].get("unavailable", {}), "preset": r.get("preset")})
+                     "unavailable": r["metrics"].get("unavailable", {}), "preset": r.get("preset"),
+                     "reconstruction": r["metrics"].get("reconstruction")})
     return rows
 
 
@@ -67,10 +69,11 @@ def _columns(tables: list[dict]) -> list[tuple]:
     return [c for c in COLUMNS if c[0] in present]
 
 
-def markdown(rows: list[dict], manifest_name: str) -> str:
+def markdown(rows: list[dict], manifest_name: str, reported: bool = False) -> str:
+    """`reported`: add the paper's Noe rows (only comparable on the Noe manifest itself)."""
     by_method = aggregate(rows, ("method",))
     by_type = aggregate(rows, ("method", "type"))
-    cols = _columns([by_method, by_type, {("reported",): r for r in REPORTED.values()}])
+    cols = _columns([by_method, by_type] + ([{("reported",): r for r in REPORTED.values()}] if reported else []))
     models = {k: v for r in rows for k, v in r["models"].items()}
     missing = {k: v for r in rows for k, v in r["unavailable"].items()}
     lines = [f"# {manifest_name}: leaderboard", ""]
@@ -80,16 +83,29 @@ def markdown(rows: list[dict], manifest_name: str) -> str:
               "|---|---|" + "---|" * len(cols)]
     for (method,), row in by_method.items():
         lines.append(f"| {method} | {row['n']} | " + " | ".join(_fmt(row.get(c)) for c, _, _ in cols) + " |")
-    for method, row in REPORTED.items():
+    for method, row in REPORTED.items() if reported else ():
         lines.append(f"| {method} (reported, paper table 2) | 112 | " + " | ".join(_fmt(row.get(c)) for c, _, _ in cols) + " |")
     lines += ["", "## Per method and edit type", "", "| method | type | edits | " + " | ".join(h for _, h, _ in cols) + " |",
               "|---|---|---|" + "---|" * len(cols)]
     for (method, kind), row in by_type.items():
         lines.append(f"| {method} | {kind} | {row['n']} | " + " | ".join(_fmt(row.get(c)) for c, _, _ in cols) + " |")
+    recon = reconstructions(rows)
+    if recon:
+        lines += ["", "## Source scenes (no-edit): reconstruction vs the prepared views, held-out views", "",
+                  "A poor reconstruction, not the edit, limits every figure of that object.", "",
+                  "| object | views | PSNR ↑ | SSIM ↑ | LPIPS ↓ |", "|---|---|---|---|---|"]
+        lines += [f"| {o} | {r['views']} | {_fmt(r['psnr'])} | {_fmt(r['ssim'])} | {_fmt(r.get('lpips'))} |"
+                  for o, r in recon.items()]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> Optional[str]:
+def reconstructions(rows: list[dict]) -> dict:
+    """object id -> the no-edit baseline's reconstruction figures (one per object)."""
+    return {r["edit"]["object"]: r["reconstruction"] for r in sorted(rows, key=lambda r: r["edit"]["object"])
+            if r["method"] == "no-edit" and r.get("reconstruction")}
+
+
+def plot(rows: list[dict], path: Path, reported: bool = False) -> Optional[str]:
     """CLIP (or judge) score against LPIPS (or 1 - SSIM where LPIPS is unavailable), one point per edit."""
     import matplotlib
 
@@ -104,7 +120,7 @@ def plot(rows: list[dict], path: Path) -> Optional[str]:
         pts = [(x if x_key == "lpips" else 1 - x, y) for x, y in pts if x is not None and y is not None]
         if pts:
             ax.scatter(*zip(*pts), label=method, alpha=0.8)
-    if x_key == "lpips" and y_key == "clip_score":
+    if reported and x_key == "lpips" and y_key == "clip_score":
         for method, rep in REPORTED.items():
             ax.scatter([rep["lpips"]], [rep["clip_score"]], marker="*", s=120, label=f"{method} (reported)")
     ax.set_xlabel("LPIPS to original ↓" if x_key == "lpips" else "1 − SSIM to original ↓")
@@ -126,11 +142,13 @@ window.addEventListener('load', () => {
 </script>"""
 
 
-def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str]) -> str:
+def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], reported: bool = False) -> str:
     by_method = aggregate(rows, ("method",))
     by_type = aggregate(rows, ("method", "type"))
     cols = _columns([by_method, by_type])
     e = html.escape
+
+    with_paper = reported
 
     def table(agg: dict, keys: list[str], reported: bool) -> str:
         head = "".join(f"<th>{e(k)}</th>" for k in keys) + "<th>edits</th>" + "".join(f"<th>{e(h)}</th>" for _, h, _ in cols)
@@ -138,12 +156,18 @@ def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str]) ->
         for key, row in agg.items():
             body.append("<tr>" + "".join(f"<td>{e(str(k))}</td>" for k in key) + f"<td>{row['n']}</td>"
                         + "".join(f"<td>{_fmt(row.get(c))}</td>" for c, _, _ in cols) + "</tr>")
-        if reported:
+        if reported and with_paper:
             for method, row in REPORTED.items():
                 body.append(f"<tr class='reported'><td>{method} (reported, paper)</td><td>112</td>"
                             + "".join(f"<td>{_fmt(row.get(c))}</td>" for c, _, _ in cols) + "</tr>")
         return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
+    recon = reconstructions(rows)
+    recon_table = "" if not recon else (
+        "<h2>Source scenes (no-edit): reconstruction vs the prepared views, held-out views</h2>"
+        "<table><tr><th>object</th><th>views</th><th>PSNR ↑</th><th>SSIM ↑</th><th>LPIPS ↓</th></tr>"
+        + "".join(f"<tr><td>{e(o)}</td><td>{r['views']}</td><td>{_fmt(r['psnr'])}</td><td>{_fmt(r['ssim'])}</td>"
+                  f"<td>{_fmt(r.get('lpips'))}</td></tr>" for o, r in recon.items()) + "</table>")
     cards = []
     for r in sorted(rows, key=lambda r: (r["edit"]["id"], r["method"])):
         v = r["values"]
@@ -176,6 +200,7 @@ img.plot {{ max-width: 520px; }}
 <ul>{notes}</ul>
 <h2>Per method</h2>{table(by_method, ['method'], True)}
 <h2>Per method and edit type</h2>{table(by_type, ['method', 'type'], False)}
+{recon_table}
 {img}
 <h2>Edits (top: original, bottom: edited)</h2>
 {''.join(cards)}
@@ -184,11 +209,12 @@ img.plot {{ max-width: 520px; }}
 """
 
 
-def write_leaderboards(out: Path, manifest_name: str = "noe") -> dict:
+def write_leaderboards(out: Path, manifest_name: str = "noe", reported: bool = False) -> dict:
+    """leaderboard.md/.html of every stored result; `reported` adds the paper's rows (the Noe manifest only)."""
     out = Path(out)
     rows = load_results(out)
     md, page = out / "leaderboard.md", out / "leaderboard.html"
-    plot_file = plot(rows, out / "leaderboard_plot.png") if rows else None
-    atomic_write_text(md, markdown(rows, manifest_name))
-    atomic_write_text(page, html_page(rows, manifest_name, plot_file))
+    plot_file = plot(rows, out / "leaderboard_plot.png", reported) if rows else None
+    atomic_write_text(md, markdown(rows, manifest_name, reported))
+    atomic_write_text(page, html_page(rows, manifest_name, plot_file, reported))
     return {"markdown": str(md), "html": str(page), "results": len(rows)}

@@ -138,6 +138,16 @@ def hemisphere_views(n: int, size: int, seed: float = 0.0):
     return cams
 
 
+def posed_images(obj: dict) -> Path:
+    """A user's folder of posed images (Blender/nerfstudio layout), used as it is, like NeRF-synthetic."""
+    folder = Path(obj["path"]).expanduser()
+    if not (folder / "transforms_train.json").is_file():
+        raise NotAvailable(f"local folder {folder} has no transforms_train.json: give a mesh file (.obj/.glb/.ply) "
+                           "or a Blender-layout dataset (transforms_train.json + images; transforms_test.json "
+                           "for the no-edit reconstruction figures)")
+    return folder
+
+
 def write_dataset(obj: dict, opts: PrepareOptions) -> Path:
     """The object's Blender dataset (rendered here, or the NeRF-synthetic folder itself)."""
     from piva.data.views import hemisphere_cameras, write_blender_dataset
@@ -148,6 +158,8 @@ def write_dataset(obj: dict, opts: PrepareOptions) -> Path:
     n, size = opts.sizes.capture_views, opts.sizes.capture_size
     if obj["source"] == "nerf-synthetic":
         return find_nerf_synthetic(obj, opts)
+    if obj["source"] == "local" and Path(obj["path"]).expanduser().is_dir():
+        return posed_images(obj)
     tmp = out.with_name("data.partial")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Optional
 
 from piva.nerfstudio.runs import TOY_SIZE, RunSize
 
 
 @dataclass(frozen=True)
 class EvalOrbit:
-    """The evaluation cameras: an orbit at one elevation and distance, looking at the origin."""
+    """The evaluation cameras: an orbit at one elevation and distance, looking at the origin.
+
+    `distance`/`fov_y` None: those of the object's own captured views (`follow`), so the
+    object is seen at the scale it was reconstructed at, whatever its source.
+    """
 
     elevation: float = 15.0
-    distance: float = 4.0
-    fov_y: float = 50.0
+    distance: Optional[float] = 4.0
+    fov_y: Optional[float] = 50.0
     size: int = 512
+
+    def follow(self, capture: dict) -> "EvalOrbit":
+        """This orbit with the capture's distance and fov where it leaves them open."""
+        return replace(self, distance=self.distance if self.distance is not None else capture["distance"],
+                       fov_y=self.fov_y if self.fov_y is not None else capture["fov_y"])
 
 
 @dataclass(frozen=True)
@@ -32,11 +42,13 @@ class Preset:
 
 
 PRESETS = {
-    # Noe at the paper's sizes on a GPU (the threestudio backend has its own configs).
+    # Noe at the paper's sizes on a GPU: the protocol's fixed orbit (distance 4, fov 50), which is how
+    # preparation captures every mesh (radius 2); the threestudio backend has the same in its configs.
     "full": Preset("full", capture_views=100, capture_size=512, run=RunSize(), eval=EvalOrbit()),
-    # The toy world on 2 CPU cores; its objects are ~1 unit, seen from 3.6 at fov 40 as they were trained.
+    # The toy world on 2 CPU cores: each object seen as it was captured (toy objects: 3.6 at fov 40,
+    # a user's mesh: 4 at fov 50), from elevation 30.
     "toy": Preset("toy", capture_views=40, capture_size=64, run=TOY_SIZE,
-                  eval=EvalOrbit(elevation=30.0, distance=3.6, fov_y=40.0, size=32)),
+                  eval=EvalOrbit(elevation=30.0, distance=None, fov_y=None, size=32)),
 }
 
 

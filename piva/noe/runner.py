@@ -7,7 +7,6 @@ interrupted edit resumes from its latest nerfstudio checkpoint.
 
 from __future__ import annotations
 
-import functools
 import json
 import platform
 import time
@@ -15,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from piva.io import atomic_torch_save, atomic_write_json
@@ -39,6 +39,8 @@ class RunOptions:
     prepare: PrepareOptions = field(default=None)  # type: ignore[assignment]
     backend: str = "nerfstudio"
     threestudio_root: Optional[Path] = None
+    reported: bool = False
+    """Show the paper's reported Noe rows beside ours (the Noe manifest only: other manifests are not comparable)."""
 
     @property
     def sizes(self) -> Preset:
@@ -98,6 +100,8 @@ class EditOutcome:
     cameras: dict
     wall_time_s: float
     run: Optional[Path]
+    reconstruction: Optional[tuple] = None
+    """(source scene, ground truth) at held-out views, [N,3,H,W] each: what the no-edit baseline measures."""
 
 
 class Backend(Protocol):
@@ -111,6 +115,8 @@ class NerfstudioBackend:
 
     def __init__(self, opts: RunOptions) -> None:
         self.opts = opts
+        self._orbits: dict = {}
+        self._warned: set = set()
 
     def diffusion_models(self) -> tuple[Optional[str], Optional[str]]:
         """The toy prior for the toy preset; else the registered method's own (hub ids)."""
@@ -120,36 +126,63 @@ class NerfstudioBackend:
             return str(PRIOR_DIR), str(CONTROLNET_DIR)
         return None, None
 
-    @functools.cached_property
-    def cameras(self):
-        """The evaluation cameras (built once per backend): views, unique mask, recorded setting."""
+    def cameras(self, data: Path):
+        """One object's evaluation cameras: views, unique mask, recorded setting.
+
+        The preset fixes elevation and size; distance and fov are the object's own
+        capture's where the preset leaves them open (toy), so every object is seen whole
+        and at the scale it was reconstructed at. Built once per orbit.
+        """
         from piva.data.cameras import noe_cameras
-        from piva.data.views import Camera
+        from piva.data.views import Camera, capture_geometry
 
-        orbit = self.opts.sizes.eval
-        cams = noe_cameras(self.opts.eval_views, elevation=orbit.elevation, distance=orbit.distance, fov_y=orbit.fov_y)
-        views = [Camera(c, cams["fov_y"], orbit.size, orbit.size) for c in cams["c2w"]]
-        setting = {"views": self.opts.eval_views, "elevation": orbit.elevation, "distance": orbit.distance,
-                   "fov_y": orbit.fov_y, "size": orbit.size,
+        capture = capture_geometry(data)
+        orbit = self.opts.sizes.eval.follow(capture)
+        if abs(orbit.distance / capture["distance"] - 1) > 0.1 and data not in self._warned:
+            self._warned.add(data)
+            print(f"[noe] note: {data} was captured from distance {capture['distance']:.2f}; the preset's "
+                  f"evaluation orbit is fixed at {orbit.distance:.2f} (the Noe protocol)")
+        if orbit not in self._orbits:
+            cams = noe_cameras(self.opts.eval_views, elevation=orbit.elevation, distance=orbit.distance, fov_y=orbit.fov_y)
+            views = [Camera(c, cams["fov_y"], orbit.size, orbit.size) for c in cams["c2w"]]
+            self._orbits[orbit] = (views, torch.from_numpy(cams["unique"]))
+        views, unique = self._orbits[orbit]
+        setting = {"views": self.opts.eval_views, "elevation": orbit.elevation, "distance": round(orbit.distance, 4),
+                   "fov_y": round(orbit.fov_y, 4), "size": orbit.size,
+                   "capture": {k: round(v, 4) for k, v in capture.items()},
                    "duplicate_end_view": "rendered, left out of every average; consistency wraps last unique -> first"}
-        return views, torch.from_numpy(cams["unique"]), setting
+        return views, unique, setting
 
-    def render(self, run: Path, what: str) -> torch.Tensor:
+    def render(self, run: Path, what: str, cams) -> torch.Tensor:
         from piva.nerfstudio.views import load_pipeline, render_views
 
-        cams, _, _ = self.cameras
         pipeline, _ = load_pipeline(run, device=self.opts.device)
         return render_views(pipeline, cams, progress=f"[noe] rendering {what}")["rgb"]
 
     def original(self, obj: dict, record: dict) -> torch.Tensor:
-        """The original scene at the evaluation cameras, rendered once per object and kept."""
-        _, _, setting = self.cameras
-        cache = object_dir(self.opts.prepare.root, obj) / f"original_eval_{setting['views']}x{setting['size']}.pt"
+        """The original scene at the evaluation cameras, rendered once per object and orbit and kept."""
+        cams, _, s = self.cameras(Path(record["data"]))
+        key = f"{s['views']}x{s['size']}-el{s['elevation']:g}-d{s['distance']:.3f}-f{s['fov_y']:.2f}"
+        cache = object_dir(self.opts.prepare.root, obj) / f"original_eval_{key}.pt"
         if cache.is_file():
             return torch.load(cache)
-        rgb = self.render(Path(record["source_checkpoints"]).parent, f"original {obj['id']}")
+        rgb = self.render(Path(record["source_checkpoints"]).parent, f"original {obj['id']}", cams)
         atomic_torch_save(rgb, cache)
         return rgb
+
+    def reconstruction(self, obj: dict, record: dict, most: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source scene and the prepared ground truth at held-out views (the dataset's test split)."""
+        from piva.data.views import load_rgba, read_views
+
+        data = Path(record["data"])
+        split = "test" if (data / "transforms_test.json").is_file() else "val"
+        views = read_views(data, split)
+        keep = sorted({round(i) for i in np.linspace(0, len(views.cameras) - 1, min(most, len(views.cameras)))})
+        backdrop = object_scene(obj, data).backdrop
+        truth = torch.stack([load_rgba(views.image_paths[i], backdrop)[0] for i in keep]).permute(0, 3, 1, 2)
+        source = self.render(Path(record["source_checkpoints"]).parent, f"source {obj['id']} at held-out views",
+                             [views.cameras[i] for i in keep])
+        return source, truth
 
     def edit(self, edit: dict, obj: dict, method: str) -> EditOutcome:
         from piva.nerfstudio import runs
@@ -169,10 +202,11 @@ class NerfstudioBackend:
             cfg.experiment_name = edit["id"]
             run = runs.edit(cfg)
         wall = time.perf_counter() - t0
-        _, unique, setting = self.cameras
+        cams, unique, setting = self.cameras(Path(record["data"]))
         original = self.original(obj, record)
-        edited = original.clone() if run is None else self.render(run, edit["id"])
-        return EditOutcome(edited, original, unique, setting, wall, run)
+        edited = original.clone() if run is None else self.render(run, edit["id"], cams)
+        recon = self.reconstruction(obj, record) if method == "no-edit" else None
+        return EditOutcome(edited, original, unique, setting, wall, run, recon)
 
 
 class ThreestudioBackend:
@@ -217,16 +251,42 @@ def save_thumbnail(path: Path, original: torch.Tensor, edited: torch.Tensor, n: 
     save_image_grid(path, [original[idx], edited[idx]], scale=max(1, 96 // original.shape[-1]))
 
 
+def toy_vocabulary_problem(edit: dict) -> Optional[str]:
+    """Why the toy judge cannot score this edit (a caption it has never seen), or None."""
+    from piva.toyworld.scenes import Scene
+
+    for caption in (edit["source_prompt"], edit["target_prompt"]):
+        try:
+            Scene.from_caption(caption)
+        except ValueError:
+            return f"captions outside the toy judge's vocabulary (e.g. {caption!r}): it knows 'a <colour> <shape>' and a few parts"
+    return None
+
+
+def image_text_for(edit: dict, models: dict, preset: str) -> tuple[Optional[object], dict]:
+    """The image-text model that may score this edit, and what is not computed (with why)."""
+    image_text, unavailable = models.get("image_text"), dict(models.get("unavailable") or {})
+    if preset == "toy" and image_text is not None:
+        why = toy_vocabulary_problem(edit)
+        if why:
+            image_text, unavailable["judge"] = None, why
+    return image_text, unavailable
+
+
 def run_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict) -> dict:
     """Prepare (if needed), edit, evaluate and store one (method, edit); returns the stored record."""
     from piva.metrics.evaluate import evaluate_views
 
     outcome = BACKENDS[opts.backend](opts).edit(edit, obj, method)
     memory = _peak_memory_mb(opts.device)  # this process only; threestudio's own peak is in its logs
+    image_text, unavailable = image_text_for(edit, models, opts.preset)
     metrics = evaluate_views(outcome.edited, outcome.original, edit["source_prompt"], edit["target_prompt"],
-                             outcome.unique, image_text=models.get("image_text"), lpips=models.get("lpips"),
-                             unavailable=models.get("unavailable"))
+                             outcome.unique, image_text=image_text, lpips=models.get("lpips"), unavailable=unavailable)
     metrics["cameras"] = outcome.cameras
+    if outcome.reconstruction is not None:  # no-edit: how well the source scene matches the prepared views
+        source, truth = outcome.reconstruction
+        metrics["reconstruction"] = {**evaluate_views(source, truth, "", "", lpips=models.get("lpips")),
+                                     "held_out": "test (or val) split, not used to train the source scene"}
     thumb = result_path(opts.out, method, edit["id"]).with_suffix(".png")
     save_thumbnail(thumb, outcome.original, outcome.edited)
     device = opts.device
@@ -283,6 +343,13 @@ def run_benchmark(manifest: dict, edits: list[dict], opts: RunOptions, ray_addre
         raise ValueError(f"unknown method(s) {bad}: choose from {', '.join(METHODS)}")
     todo = pending(manifest, edits, opts)
     total = len(edits) * len(opts.methods)
+    if opts.preset == "toy":
+        objects = {o["id"]: o for o in manifest["objects"]}
+        foreign = sorted({e["object"] for e in edits if objects[e["object"]]["source"] != "toyworld"})
+        if foreign:
+            print(f"[noe] --preset toy on objects that are not toy-world ones ({', '.join(foreign)}): the toy judge "
+                  "scores only captions in its vocabulary (other edits: judge figures not computed); PSNR, SSIM and "
+                  "LPIPS against the original are computed; evaluation cameras follow each object's capture")
     print(f"[noe] {total - len(todo)} of {total} edits already done; {len(todo)} to run -> {opts.out}")
     failed: dict = {}
     if ray_address is not None and todo:
@@ -299,7 +366,7 @@ def run_benchmark(manifest: dict, edits: list[dict], opts: RunOptions, ray_addre
             except NotAvailable as exc:
                 failed[f"{method}/{edit['id']}"] = str(exc)
                 print(f"[noe]   skipped: {exc}")
-    pages = write_leaderboards(opts.out, manifest_name=manifest.get("name", "noe"))
+    pages = write_leaderboards(opts.out, manifest_name=manifest.get("name", "noe"), reported=opts.reported)
     print(f"[noe] leaderboards: {pages['markdown']} and {pages['html']}")
     return {"done": total - len(todo), "ran": len(todo) - len(failed), "failed": failed, **pages}
 

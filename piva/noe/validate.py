@@ -26,6 +26,20 @@ def load_schema() -> dict:
     return json.loads(resources.files("piva.noe").joinpath("manifest.schema.json").read_text())
 
 
+# What the runner itself reads; the rest (version, note, category, license, instruction) is Noe's bookkeeping.
+NOE_ONLY = {"": ("version", "note"), "objects": ("category", "license"), "edits": ("instruction",)}
+
+
+def runner_schema() -> dict:
+    """The schema for a user's manifest: only what `benchmark/run.py` uses is required."""
+    schema = load_schema()
+    schema["required"] = [k for k in schema["required"] if k not in NOE_ONLY[""]]
+    for part in ("objects", "edits"):
+        item = schema["properties"][part]["items"]
+        item["required"] = [k for k in item["required"] if k not in NOE_ONLY[part]]
+    return schema
+
+
 class ManifestError(ValueError):
     """A manifest breaks the schema or a benchmark rule; the message lists every problem."""
 
@@ -35,8 +49,11 @@ def validate(manifest: Union[dict, str, Path], full_benchmark: bool = False) -> 
     import jsonschema
 
     if not isinstance(manifest, dict):
-        manifest = json.loads(Path(manifest).read_text())
-    schema = load_schema()
+        try:
+            manifest = json.loads(Path(manifest).read_text())
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"not valid JSON ({exc})") from None
+    schema = load_schema() if full_benchmark else runner_schema()
     problems = [
         f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
         for e in sorted(jsonschema.Draft202012Validator(schema).iter_errors(manifest), key=lambda e: list(e.path))
