@@ -92,6 +92,15 @@ def _make_tiny_prior(args: argparse.Namespace) -> None:
     print(f"wrote a tiny random prior to {path} (ControlNet in {path / 'controlnet'})")
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from piva.doctor import doctor
+    from piva.prior.loading import DEFAULT_CONTROLNET
+
+    code, lines = doctor(args.method, args.model, args.controlnet or DEFAULT_CONTROLNET)
+    print("\n".join(lines), file=sys.stderr if code == 2 else sys.stdout)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     from piva.guidance import MODES, GuidanceConfig
     from piva.image.edit import ImageEditConfig
@@ -126,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 
+    p = sub.add_parser("doctor", help="can this machine run a method: device, memory, cached weights (offline, seconds)")
+    p.add_argument("--method", default="piva", help="piva, piva-object, piva-small, piva-dds or piva-sds")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="base model: hub id or local folder")
+    p.add_argument("--controlnet", default=None, help="depth ControlNet: hub id or local folder (default: the method's)")
+    p.set_defaults(func=_doctor)
+
     p = sub.add_parser("make-tiny-prior", help="write a tiny random diffusers checkpoint (for tests)")
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
@@ -136,11 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (FileNotFoundError, ValueError) as exc:
         print(f"piva: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
