@@ -200,6 +200,31 @@ def test_field_mlps_get_their_own_optimizer_group():
             assert "field_mlps" not in groups
 
 
+def test_edit_grid_levels_leaves_the_fine_levels_as_reconstructed():
+    """Levels >= edit_grid_levels get no gradient (Adam leaves them bit-identical); the coarse ones move."""
+    import torch
+    from nerfstudio.data.scene_box import SceneBox
+
+    from piva.nerfstudio.piva_model import PivaNerfactoModelConfig
+    from piva.nerfstudio.runs import CPU_FIELD
+
+    box = SceneBox(aabb=torch.tensor([[-1.5, -1.5, -1.5], [1.5, 1.5, 1.5]]))
+    model = PivaNerfactoModelConfig(**CPU_FIELD, edit_grid_levels=3).setup(scene_box=box, num_train_data=4)
+    table = model.field.mlp_base.model[0].hash_table
+    rows = table.shape[0] // CPU_FIELD["num_levels"]
+    before = table.detach().clone()
+    opt = torch.optim.Adam([table], lr=0.1)
+    points = torch.rand(4096, 3) * 2 - 1
+    for _ in range(3):
+        opt.zero_grad()
+        model.field.mlp_base(points).square().sum().backward()
+        opt.step()
+    moved = (table.detach() != before).any(1)
+    assert moved[: 3 * rows].any() and not moved[3 * rows :].any()
+    with pytest.raises(ValueError, match="must be 1..8"):
+        PivaNerfactoModelConfig(**CPU_FIELD, edit_grid_levels=9).setup(scene_box=box, num_train_data=4)
+
+
 def test_backdrop_is_a_fixed_colour_the_field_cannot_change():
     """Empty rays show exactly the backdrop, and a loss on them sends no gradient into the field."""
     from nerfstudio.cameras.rays import RayBundle

@@ -67,6 +67,24 @@ class PivaNerfactoModelConfig(NerfactoModelConfig):
     None (default): False when the two prompts differ only in colour words ("a red car" -> "a blue
     car"), else True. Score distillation also descends by fading an object into its background,
     which no colour-only edit can do (measured in the toy world, docs/toyworld.md)."""
+    edit_grid_levels: Optional[int] = None
+    """Hash-grid levels (coarsest first) of the field that the edit may change; the finer ones stay
+    as reconstructed. None: all. Score distillation's per-pixel noise lands in the fine levels as
+    speckle (docs/toyworld.md); shapes and additions live in the coarse ones. Needs the torch hash
+    grid (`implementation="torch"`)."""
+
+
+def freeze_fine_levels(grid: Optional[torch.nn.Module], levels: int) -> None:
+    """Zero the gradient of a nerfstudio torch HashEncoding's levels >= `levels` (Adam then leaves them as they are)."""
+    table = getattr(grid, "hash_table", None)
+    if not isinstance(table, torch.nn.Parameter) or table.numel() == 0:
+        raise ValueError("edit_grid_levels needs nerfacto's torch hash grid: set implementation='torch' "
+                         "(tiny-cuda-nn keeps its levels in one opaque buffer)")
+    if not 1 <= levels <= grid.num_levels:
+        raise ValueError(f"edit_grid_levels must be 1..{grid.num_levels} (the grid's levels), got {levels}")
+    mask = torch.zeros(table.shape[0], 1, dtype=table.dtype, device=table.device)
+    mask[: grid.hash_table_size * levels] = 1  # levels are stored one after another, hash_table_size rows each
+    table.register_hook(lambda g: g * mask.to(g.device))
 
 
 class PivaNerfactoModel(NerfactoModel):
@@ -79,6 +97,11 @@ class PivaNerfactoModel(NerfactoModel):
             from nerfstudio.model_components.renderers import RGBRenderer
 
             self.renderer_rgb = RGBRenderer(background_color=torch.tensor(self.config.backdrop_rgb, dtype=torch.float32))
+        if self.config.edit_grid_levels is not None:
+            from nerfstudio.field_components.encodings import HashEncoding
+
+            grid = next((m for m in self.field.mlp_base.modules() if isinstance(m, HashEncoding)), None)
+            freeze_fine_levels(grid, self.config.edit_grid_levels)
 
     def colour_parameters(self) -> list:
         """The colour head (and the appearance embedding): what an appearance-only edit trains."""
