@@ -399,6 +399,11 @@ def test_threestudio_backend_configs_weight_the_loss_their_guidance_returns(tmp_
     cfg = OmegaConf.merge(OmegaConf.load(yaml), OmegaConf.from_dotlist([c for c in cmd[5:] if "=" in c]))
     assert cfg.system.guidance.mode == method
     assert cfg.system.loss[f"lambda_{method}"] == 1.0
+    assert (cfg.data.eval_camera_distance, cfg.data.eval_fovy_deg) == (4.0, 50.0)  # the Noe protocol by default
+    orbit = {"elevation": 30.0, "distance": 3.6, "fov_y": 40.0}  # e.g. a toy object, as it was captured
+    cmd, _ = backend.edit_command(tmp_path, method, tmp_path / "src.ckpt", edit, tmp_path / "out", eval_orbit=orbit)
+    cfg = OmegaConf.merge(OmegaConf.load(yaml), OmegaConf.from_dotlist([c for c in cmd[5:] if "=" in c]))
+    assert (cfg.data.eval_elevation_deg, cfg.data.eval_camera_distance, cfg.data.eval_fovy_deg) == (30.0, 3.6, 40.0)
 
 
 def _prepare_in_child(root: str, counter: str) -> None:

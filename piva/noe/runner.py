@@ -217,6 +217,7 @@ class ThreestudioBackend:
 
     def edit(self, edit: dict, obj: dict, method: str) -> EditOutcome:
         from piva.data.cameras import noe_cameras
+        from piva.data.views import capture_geometry
         from piva.threestudio import backend
 
         opts = self.opts
@@ -228,15 +229,19 @@ class ThreestudioBackend:
         cmd, trial = backend.source_command(root, Path(record["data"]), work, obj["id"])
         if not list((trial / "save").glob("it*-test")):  # the test stage runs once training has finished
             backend.run(cmd, root)
+        capture = capture_geometry(Path(record["data"]))
+        orbit = opts.sizes.eval.follow(capture)  # as the nerfstudio backend: the object's own capture decides
+        eval_orbit = {"elevation": orbit.elevation, "distance": orbit.distance, "fov_y": orbit.fov_y}
         _reset_peak_memory(opts.device)
         t0 = time.perf_counter()
-        cmd, edit_trial = backend.edit_command(root, method, trial / "ckpts" / "last.ckpt", edit, work, opts.edit_steps)
+        cmd, edit_trial = backend.edit_command(root, method, trial / "ckpts" / "last.ckpt", edit, work, opts.edit_steps,
+                                               eval_orbit=eval_orbit)
         backend.run(cmd, root)
         wall = time.perf_counter() - t0
         edited, original = backend.test_renders(edit_trial)
         unique = torch.from_numpy(noe_cameras(len(edited))["unique"])
-        cameras = {"views": len(edited), "elevation": 15.0, "distance": 4.0, "fov_y": 50.0,
-                   "source": "threestudio test stage (piva-noe.yaml / dds-noe.yaml)"}
+        cameras = {"views": len(edited), **eval_orbit, "capture": capture,
+                   "source": "threestudio test stage (piva-noe.yaml / dds-noe.yaml, orbit overridden)"}
         return EditOutcome(edited, original, unique, cameras, wall, edit_trial)
 
 

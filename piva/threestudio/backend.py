@@ -51,8 +51,12 @@ def source_command(root: Path, data: Path, out: Path, object_id: str) -> tuple[l
     return cmd, trial
 
 
-def edit_command(root: Path, method: str, source_ckpt: Path, edit: dict, out: Path, steps: Optional[int] = None):
-    """Command that edits (then renders the test cameras); returns it and the trial folder."""
+def edit_command(root: Path, method: str, source_ckpt: Path, edit: dict, out: Path, steps: Optional[int] = None,
+                 eval_orbit: Optional[dict] = None):
+    """Command that edits (then renders the test cameras); returns it and the trial folder.
+
+    `eval_orbit` ({"elevation", "distance", "fov_y"}) replaces the config's Noe evaluation orbit,
+    so that an object is evaluated as it was captured (benchmark presets, a user's objects)."""
     name = "piva-noe" if method == "piva" else "dds-noe"
     trial = out / name / f"{edit['id']}-{method}"
     overrides = {
@@ -67,6 +71,10 @@ def edit_command(root: Path, method: str, source_ckpt: Path, edit: dict, out: Pa
         overrides["system.loss.lambda_sds"] = "1."
     if steps:
         overrides["trainer.max_steps"] = str(steps)
+    if eval_orbit:
+        overrides.update({"data.eval_elevation_deg": f"{eval_orbit['elevation']:g}",
+                          "data.eval_camera_distance": f"{eval_orbit['distance']:g}",
+                          "data.eval_fovy_deg": f"{eval_orbit['fov_y']:g}"})
     cmd = _launch(root, CONFIGS[method], overrides, out)
     last = trial / "ckpts" / "last.ckpt"
     if last.is_file():
