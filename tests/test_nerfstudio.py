@@ -176,6 +176,41 @@ def test_two_pass_render_gradient_equals_one_full_graph(scene, tiny_dir):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_views_per_step_scores_several_views_in_one_batch(scene, tiny_dir):
+    """views_per_step=3: one score call on a batch of 3 views, each view's pixels get their own gradient."""
+    cfg = runs.edit_config("piva-object", toy_object_scene(scene["data"]), scene["nerfacto"], scene["root"] / "unused",
+                           "a red cube", "a red sphere", SIZE, str(tiny_dir), str(tiny_dir / "controlnet"))
+    cfg.pipeline.views_per_step = 3
+    pipeline = cfg.pipeline.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
+    ckpt = next(scene["nerfacto"].glob("*.ckpt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    pipeline.load_pipeline(state["pipeline"], state["step"])
+    seen, rendered = [], []
+    pipeline._setup_guidance()
+    pipeline._cache_original_renders()
+    step, render = pipeline.guidance.step, pipeline._render
+
+    def spy_step(x, **kw):
+        seen.append(tuple(x.shape))
+        return step(x, **kw)
+
+    def spy_render(cam, grad_rgb=None, seed=0):
+        rendered.append((cam[1], grad_rgb is not None))
+        return render(cam, grad_rgb=grad_rgb, seed=seed)
+
+    pipeline.guidance.step, pipeline._render = spy_step, spy_render
+    pipeline.model.zero_grad()
+    pipeline.get_train_loss_dict(state["step"] + 1)
+    assert len(seen) == 1 and seen[0][0] == 3
+    first, second = [i for i, g in rendered if not g], [i for i, g in rendered if g]
+    assert len(first) == len(second) == 3 and first == second
+    grid = pipeline.model.field.mlp_base.model[0].hash_table
+    assert grid.grad is not None and grid.grad.abs().sum() > 0
+    cfg.pipeline.views_per_step = 0
+    with pytest.raises(ValueError, match="views_per_step"):
+        cfg.pipeline.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
+
+
 def test_field_mlps_get_their_own_optimizer_group():
     """separate_mlp_group: hash grids stay in `fields`, every field MLP weight goes to `field_mlps`, none lost."""
     import torch

@@ -74,6 +74,10 @@ class PivaPipelineConfig(VanillaPipelineConfig):
     """Depths beyond this count as background for the depth ControlNet (so do pixels with opacity < 0.5)."""
     seed: int = 0
     """Seed of camera, timestep and noise sampling."""
+    views_per_step: int = 1
+    """Training views scored together in each edit step (1: the paper). The score's loss is a mean
+    over them, so the scene moves by the views' average, not by one view's; on a GPU the
+    diffusion side of 4 views costs ~10 % more than 1 (docs/performance.md), the renders 4x."""
     opacity_entropy_weight: float = 0.0
     """Weight of a binary-entropy loss on the opacity of the field's own ray batch (geometry edits only):
     pushes each ray to empty or opaque, against the translucent shells and floaters that score
@@ -90,6 +94,8 @@ class PivaPipeline(VanillaPipeline):
     def __init__(self, config: PivaPipelineConfig, device: str, test_mode: str = "val", **kwargs) -> None:
         if test_mode == "val":  # training: fail on bad prompts before any loading
             config.guidance.validate()
+            if config.views_per_step < 1:
+                raise ValueError("views_per_step must be >= 1 (1: one training view per edit step)")
         if getattr(config.model, "edit_geometry", False) is None:
             # The method's rule, so every front end gets it: a colour-only edit keeps the geometry.
             keep = is_colour_only_edit(config.guidance.source_prompt, config.guidance.target_prompt)
@@ -221,22 +227,25 @@ class PivaPipeline(VanillaPipeline):
                 loss_dict["opacity_entropy"] = self.config.opacity_entropy_weight * opacity_entropy(
                     model_outputs["accumulation"])
 
-        index = int(torch.randint(0, len(self.original_rgb), (1,), generator=g))
-        cam = self._camera(index)
-        current = self._render(cam, seed=step)
-        x = current["rgb"].permute(2, 0, 1)[None].detach().requires_grad_(True)
+        # views_per_step training views, scored in one batch; each is rendered (and backpropagated) on its own.
+        indices = torch.randint(0, len(self.original_rgb), (self.config.views_per_step,), generator=g).tolist()
+        cams = [self._camera(i) for i in indices]
+        currents = [self._render(cam, seed=step + k * 1_000_003) for k, cam in enumerate(cams)]
+        x = torch.stack([c["rgb"].permute(2, 0, 1) for c in currents]).detach().requires_grad_(True)
         x_in = self.guidance.fit_to_model(x).clamp(0, 1)
-        depth = self.guidance.fit_to_model(self._depth_for_control(current["depth"], current["accumulation"])[None, None], "nearest")
-        src_rgb = self.guidance.fit_to_model(self.original_rgb[index].to(self.device).permute(2, 0, 1)[None].float() / 255)
-        src_depth = self.guidance.fit_to_model(self.original_depth[index].to(self.device).float()[None, None], "nearest")
+        depth = self.guidance.fit_to_model(
+            torch.stack([self._depth_for_control(c["depth"], c["accumulation"])[None] for c in currents]), "nearest")
+        src_rgb = self.guidance.fit_to_model(self.original_rgb[indices].to(self.device).permute(0, 3, 1, 2).float() / 255)
+        src_depth = self.guidance.fit_to_model(self.original_depth[indices].to(self.device).float()[:, None], "nearest")
 
         out = self.guidance.step(x_in, depth=depth, source_rgb=src_rgb, step=edit_step, generator=g)
         (grad_image,) = torch.autograd.grad(out.loss, x)
-        self._render(cam, grad_rgb=grad_image[0].permute(1, 2, 0).contiguous(), seed=step)
+        for k, cam in enumerate(cams):
+            self._render(cam, grad_rgb=grad_image[k].permute(1, 2, 0).contiguous(), seed=step + k * 1_000_003)
         adapter_losses = self.guidance.update_adapters(
             x_in.detach(), depth=depth, source_rgb=src_rgb, source_depth=src_depth, generator=g
         )
-        self.last_diagnostics = {**out.diagnostics, **adapter_losses, "edit_step": edit_step, "camera": index}
+        self.last_diagnostics = {**out.diagnostics, **adapter_losses, "edit_step": edit_step, "camera": indices[0]}
         for k, v in self.last_diagnostics.items():
             metrics_dict[f"piva/{k}"] = float(v)
         if not loss_dict:  # the trainer backpropagates a sum of losses; ours already happened
