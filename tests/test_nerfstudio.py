@@ -256,6 +256,15 @@ def test_edit_grid_levels_leaves_the_fine_levels_as_reconstructed():
         opt.step()
     moved = (table.detach() != before).any(1)
     assert moved[: 3 * rows].any() and not moved[3 * rows :].any()
+    # coarse to fine: from edit step `edit_grid_levels_until` on, every level moves
+    model = PivaNerfactoModelConfig(**CPU_FIELD, edit_grid_levels=3, edit_grid_levels_until=5).setup(
+        scene_box=box, num_train_data=4)
+    table = model.field.mlp_base.model[0].hash_table
+    for edit_step, fine_moves in ((4, False), (5, True)):
+        model.edit_step = edit_step
+        table.grad = None
+        model.field.mlp_base(points).square().sum().backward()
+        assert bool(table.grad[3 * rows :].abs().sum() > 0) is fine_moves
     with pytest.raises(ValueError, match="must be 1..8"):
         PivaNerfactoModelConfig(**CPU_FIELD, edit_grid_levels=9).setup(scene_box=box, num_train_data=4)
 

@@ -72,10 +72,13 @@ class PivaNerfactoModelConfig(NerfactoModelConfig):
     as reconstructed. None: all. Score distillation's per-pixel noise lands in the fine levels as
     speckle (docs/toyworld.md); shapes and additions live in the coarse ones. Needs the torch hash
     grid (`implementation="torch"`)."""
+    edit_grid_levels_until: Optional[int] = None
+    """Edit step from which every level is editable again (coarse to fine: the shape settles in the
+    coarse levels first, then the fine ones follow it). None: the fine levels stay frozen throughout."""
 
 
-def freeze_fine_levels(grid: Optional[torch.nn.Module], levels: int) -> None:
-    """Zero the gradient of a nerfstudio torch HashEncoding's levels >= `levels` (Adam then leaves them as they are)."""
+def freeze_fine_levels(grid: Optional[torch.nn.Module], levels: int, active=lambda: True) -> None:
+    """Zero the gradient of a nerfstudio torch HashEncoding's levels >= `levels` while `active()` (Adam then leaves them)."""
     table = getattr(grid, "hash_table", None)
     if not isinstance(table, torch.nn.Parameter) or table.numel() == 0:
         raise ValueError("edit_grid_levels needs nerfacto's torch hash grid: set implementation='torch' "
@@ -84,7 +87,7 @@ def freeze_fine_levels(grid: Optional[torch.nn.Module], levels: int) -> None:
         raise ValueError(f"edit_grid_levels must be 1..{grid.num_levels} (the grid's levels), got {levels}")
     mask = torch.zeros(table.shape[0], 1, dtype=table.dtype, device=table.device)
     mask[: grid.hash_table_size * levels] = 1  # levels are stored one after another, hash_table_size rows each
-    table.register_hook(lambda g: g * mask.to(g.device))
+    table.register_hook(lambda g: g * mask.to(g.device) if active() else g)
 
 
 class PivaNerfactoModel(NerfactoModel):
@@ -101,7 +104,15 @@ class PivaNerfactoModel(NerfactoModel):
             from nerfstudio.field_components.encodings import HashEncoding
 
             grid = next((m for m in self.field.mlp_base.modules() if isinstance(m, HashEncoding)), None)
-            freeze_fine_levels(grid, self.config.edit_grid_levels)
+            freeze_fine_levels(grid, self.config.edit_grid_levels, active=lambda: not self.fine_levels_free)
+
+    @property
+    def fine_levels_free(self) -> bool:
+        until = self.config.edit_grid_levels_until
+        return until is not None and self.edit_step >= until
+
+    edit_step: int = 0
+    """Set by the pipeline at every edit step (the coarse-to-fine schedule reads it)."""
 
     def colour_parameters(self) -> list:
         """The colour head (and the appearance embedding): what an appearance-only edit trains."""

@@ -211,6 +211,7 @@ class PivaPipeline(VanillaPipeline):
         if self.edit_start_step is None:
             self.edit_start_step = step
         edit_step = step - self.edit_start_step
+        self.model.edit_step = edit_step
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
 
         # The field's own ray batch keeps the proposal networks tracking the edited density
