@@ -24,6 +24,15 @@ from piva.nerfstudio.runs import ObjectScene, RunSize
 from piva.noe.presets import Preset, get_preset
 
 DISTANCE, FOV_Y, ELEVATION = 4.0, 50.0, (5.0, 85.0)
+# Noe's meshes fill the paper's radius-2 sphere; seen from 4 at fov 50 that sphere is wider than the frame,
+# so parts of them leave every view. A user's mesh is scaled to the largest sphere the frame holds whole.
+NOE_RADIUS = 2.0
+FRAME_RADIUS = round(0.95 * DISTANCE * float(np.sin(np.radians(FOV_Y / 2))), 3)
+
+
+def mesh_radius(obj: dict) -> float:
+    """Noe's protocol for its objects; wholly in frame for a user's."""
+    return NOE_RADIUS if obj["source"] == "objaverse" else FRAME_RADIUS
 
 
 class NotAvailable(RuntimeError):
@@ -171,11 +180,12 @@ def write_dataset(obj: dict, opts: PrepareOptions) -> Path:
         from piva.data.mesh import load_meshes, normalize_to_sphere, render_mesh
 
         mesh_path = find_mesh(obj, opts)
-        meshes = normalize_to_sphere(load_meshes(mesh_path), radius=2.0)
+        radius = mesh_radius(obj)
+        meshes = normalize_to_sphere(load_meshes(mesh_path), radius=radius)
         splits = {"train": hemisphere_views(n, size), "val": hemisphere_cameras(4, size, FOV_Y, DISTANCE, seed=1),
                   "test": hemisphere_cameras(4, size, FOV_Y, DISTANCE, seed=2)}
         write_blender_dataset(tmp, splits, lambda cam: render_mesh(meshes, cam), rgba=True, progress=True,
-                              meta={"object": obj["id"], "mesh": str(mesh_path), "radius": 2.0, "distance": DISTANCE,
+                              meta={"object": obj["id"], "mesh": str(mesh_path), "radius": radius, "distance": DISTANCE,
                                     "fov_y": FOV_Y, "size": size})
     tmp.rename(out)  # a half-written dataset is never taken for a finished one
     return out
