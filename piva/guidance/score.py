@@ -69,8 +69,8 @@ class GuidanceConfig:
     anneal_step: Optional[int] = None
     """Step at which the range anneals; None keeps `t_range` throughout."""
     noise_draws: int = 1
-    """Noise samples averaged per step (same view, same t; 1: the paper). More draws lower the variance
-    of the update, which 3D edits that create density need; they cost UNet rows, not renders."""
+    """Noise samples averaged per step (same view, same t; 1: the paper): a lower-variance update for
+    UNet rows, not renders. In the toy world 4 draws left a 3D addition as it was (docs/toyworld.md)."""
     adapter_rank: int = 4
     """LoRA rank of each adapter."""
     adapter_lr: float = 1e-4

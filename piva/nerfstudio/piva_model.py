@@ -92,6 +92,8 @@ def freeze_fine_levels(grid: Optional[torch.nn.Module], levels: int, active=lamb
 
 class PivaNerfactoModel(NerfactoModel):
     config: PivaNerfactoModelConfig
+    edit_step: int = 0
+    """Set by the pipeline at every edit step (the coarse-to-fine schedule reads it)."""
 
     def populate_modules(self) -> None:
         with offline_safe_lpips():
@@ -110,9 +112,6 @@ class PivaNerfactoModel(NerfactoModel):
     def fine_levels_free(self) -> bool:
         until = self.config.edit_grid_levels_until
         return until is not None and self.edit_step >= until
-
-    edit_step: int = 0
-    """Set by the pipeline at every edit step (the coarse-to-fine schedule reads it)."""
 
     def colour_parameters(self) -> list:
         """The colour head (and the appearance embedding): what an appearance-only edit trains."""

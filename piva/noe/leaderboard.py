@@ -148,15 +148,13 @@ def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], re
     cols = _columns([by_method, by_type])
     e = html.escape
 
-    with_paper = reported
-
-    def table(agg: dict, keys: list[str], reported: bool) -> str:
+    def table(agg: dict, keys: list[str], paper_rows: bool) -> str:
         head = "".join(f"<th>{e(k)}</th>" for k in keys) + "<th>edits</th>" + "".join(f"<th>{e(h)}</th>" for _, h, _ in cols)
         body = []
         for key, row in agg.items():
             body.append("<tr>" + "".join(f"<td>{e(str(k))}</td>" for k in key) + f"<td>{row['n']}</td>"
                         + "".join(f"<td>{_fmt(row.get(c))}</td>" for c, _, _ in cols) + "</tr>")
-        if reported and with_paper:
+        if paper_rows:
             for method, row in REPORTED.items():
                 body.append(f"<tr class='reported'><td>{method} (reported, paper)</td><td>112</td>"
                             + "".join(f"<td>{_fmt(row.get(c))}</td>" for c, _, _ in cols) + "</tr>")
@@ -198,7 +196,7 @@ img.plot {{ max-width: 520px; }}
 <body>
 <h1>{e(manifest_name)} leaderboard</h1>
 <ul>{notes}</ul>
-<h2>Per method</h2>{table(by_method, ['method'], True)}
+<h2>Per method</h2>{table(by_method, ['method'], reported)}
 <h2>Per method and edit type</h2>{table(by_type, ['method', 'type'], False)}
 {recon_table}
 {img}

@@ -19,7 +19,7 @@ import torch
 
 from piva.io import atomic_torch_save, atomic_write_json
 from piva.noe.prepare import NotAvailable, PrepareOptions, object_dir, object_scene, prepare_object
-from piva.noe.presets import Preset, get_preset
+from piva.noe.presets import EvalOrbit, Preset, get_preset
 
 METHODS = ("piva", "dds", "sds", "no-edit")
 # The registered nerfstudio method each benchmark method runs (objects: the paper's lambda 0.4).
@@ -90,6 +90,21 @@ def _peak_memory_mb(device: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- backends
+def eval_orbit(opts: RunOptions, data: Path) -> tuple[EvalOrbit, dict]:
+    """The evaluation orbit of one object, for every backend: the preset fixes elevation and size; distance
+    and fov are the object's own capture's where the preset leaves them open (toy), so the object is seen
+    whole and at the scale it was reconstructed at. Returns it and the capture."""
+    from piva.data.views import capture_geometry
+
+    capture = capture_geometry(data)
+    orbit = opts.sizes.eval.follow(capture)
+    if abs(orbit.distance / capture["distance"] - 1) > 0.1:
+        print(f"[noe] note: {data} was captured from distance {capture['distance']:.2f}; the preset's "
+              f"evaluation orbit is fixed at {orbit.distance:.2f} (the Noe protocol)")
+    return orbit, capture
+
+
+
 @dataclass
 class EditOutcome:
     """What a backend hands back for one (method, edit): renders at the evaluation cameras and how it ran."""
@@ -115,8 +130,6 @@ class NerfstudioBackend:
 
     def __init__(self, opts: RunOptions) -> None:
         self.opts = opts
-        self._orbits: dict = {}
-        self._warned: set = set()
 
     def diffusion_models(self) -> tuple[Optional[str], Optional[str]]:
         """The toy prior for the toy preset; else the registered method's own (hub ids)."""
@@ -127,31 +140,18 @@ class NerfstudioBackend:
         return None, None
 
     def cameras(self, data: Path):
-        """One object's evaluation cameras: views, unique mask, recorded setting.
-
-        The preset fixes elevation and size; distance and fov are the object's own
-        capture's where the preset leaves them open (toy), so every object is seen whole
-        and at the scale it was reconstructed at. Built once per orbit.
-        """
+        """One object's evaluation cameras: views, unique mask, recorded setting (orbit from `eval_orbit`)."""
         from piva.data.cameras import noe_cameras
-        from piva.data.views import Camera, capture_geometry
+        from piva.data.views import Camera
 
-        capture = capture_geometry(data)
-        orbit = self.opts.sizes.eval.follow(capture)
-        if abs(orbit.distance / capture["distance"] - 1) > 0.1 and data not in self._warned:
-            self._warned.add(data)
-            print(f"[noe] note: {data} was captured from distance {capture['distance']:.2f}; the preset's "
-                  f"evaluation orbit is fixed at {orbit.distance:.2f} (the Noe protocol)")
-        if orbit not in self._orbits:
-            cams = noe_cameras(self.opts.eval_views, elevation=orbit.elevation, distance=orbit.distance, fov_y=orbit.fov_y)
-            views = [Camera(c, cams["fov_y"], orbit.size, orbit.size) for c in cams["c2w"]]
-            self._orbits[orbit] = (views, torch.from_numpy(cams["unique"]))
-        views, unique = self._orbits[orbit]
+        orbit, capture = eval_orbit(self.opts, data)
+        cams = noe_cameras(self.opts.eval_views, elevation=orbit.elevation, distance=orbit.distance, fov_y=orbit.fov_y)
+        views = [Camera(c, cams["fov_y"], orbit.size, orbit.size) for c in cams["c2w"]]
         setting = {"views": self.opts.eval_views, "elevation": orbit.elevation, "distance": round(orbit.distance, 4),
                    "fov_y": round(orbit.fov_y, 4), "size": orbit.size,
                    "capture": {k: round(v, 4) for k, v in capture.items()},
                    "duplicate_end_view": "rendered, left out of every average; consistency wraps last unique -> first"}
-        return views, unique, setting
+        return views, torch.from_numpy(cams["unique"]), setting
 
     def render(self, run: Path, what: str, cams) -> torch.Tensor:
         from piva.nerfstudio.views import load_pipeline, render_views
@@ -159,9 +159,8 @@ class NerfstudioBackend:
         pipeline, _ = load_pipeline(run, device=self.opts.device)
         return render_views(pipeline, cams, progress=f"[noe] rendering {what}")["rgb"]
 
-    def original(self, obj: dict, record: dict) -> torch.Tensor:
+    def original(self, obj: dict, record: dict, cams: list, s: dict) -> torch.Tensor:
         """The original scene at the evaluation cameras, rendered once per object and orbit and kept."""
-        cams, _, s = self.cameras(Path(record["data"]))
         key = f"{s['views']}x{s['size']}-el{s['elevation']:g}-d{s['distance']:.3f}-f{s['fov_y']:.2f}"
         cache = object_dir(self.opts.prepare.root, obj) / f"original_eval_{key}.pt"
         if cache.is_file():
@@ -203,7 +202,7 @@ class NerfstudioBackend:
             run = runs.edit(cfg)
         wall = time.perf_counter() - t0
         cams, unique, setting = self.cameras(Path(record["data"]))
-        original = self.original(obj, record)
+        original = self.original(obj, record, cams, setting)
         edited = original.clone() if run is None else self.render(run, edit["id"], cams)
         recon = self.reconstruction(obj, record) if method == "no-edit" else None
         return EditOutcome(edited, original, unique, setting, wall, run, recon)
@@ -217,7 +216,6 @@ class ThreestudioBackend:
 
     def edit(self, edit: dict, obj: dict, method: str) -> EditOutcome:
         from piva.data.cameras import noe_cameras
-        from piva.data.views import capture_geometry
         from piva.threestudio import backend
 
         opts = self.opts
@@ -229,18 +227,17 @@ class ThreestudioBackend:
         cmd, trial = backend.source_command(root, Path(record["data"]), work, obj["id"])
         if not list((trial / "save").glob("it*-test")):  # the test stage runs once training has finished
             backend.run(cmd, root)
-        capture = capture_geometry(Path(record["data"]))
-        orbit = opts.sizes.eval.follow(capture)  # as the nerfstudio backend: the object's own capture decides
-        eval_orbit = {"elevation": orbit.elevation, "distance": orbit.distance, "fov_y": orbit.fov_y}
+        orbit, capture = eval_orbit(opts, Path(record["data"]))
+        orbit = {"elevation": orbit.elevation, "distance": orbit.distance, "fov_y": orbit.fov_y}
         _reset_peak_memory(opts.device)
         t0 = time.perf_counter()
         cmd, edit_trial = backend.edit_command(root, method, trial / "ckpts" / "last.ckpt", edit, work, opts.edit_steps,
-                                               eval_orbit=eval_orbit)
+                                               eval_orbit=orbit)
         backend.run(cmd, root)
         wall = time.perf_counter() - t0
         edited, original = backend.test_renders(edit_trial)
         unique = torch.from_numpy(noe_cameras(len(edited))["unique"])
-        cameras = {"views": len(edited), **eval_orbit, "capture": capture,
+        cameras = {"views": len(edited), **orbit, "capture": capture,
                    "source": "threestudio test stage (piva-noe.yaml / dds-noe.yaml, orbit overridden)"}
         return EditOutcome(edited, original, unique, cameras, wall, edit_trial)
 
