@@ -24,6 +24,9 @@ from piva.noe.presets import EvalOrbit, Preset, get_preset
 METHODS = ("piva", "dds", "sds", "no-edit")
 # The registered nerfstudio method each benchmark method runs (objects: the paper's lambda 0.4).
 REGISTERED_METHODS = {"piva": "piva-object", "dds": "piva-dds", "sds": "piva-sds"}
+# threestudio's volume renderer on CPU: samples along the grid's diagonal (paper: 512), the size the
+# toy world's objects need at 32 px; the occupancy grid skips the empty ones either way.
+CPU_SAMPLES_PER_RAY = 128
 
 
 @dataclass
@@ -214,6 +217,26 @@ class ThreestudioBackend:
     def __init__(self, opts: RunOptions) -> None:
         self.opts = opts
 
+    def settings(self, obj: dict, data: Path, capture: dict):
+        """The preset's sizes and the object's inputs for the configs. The full preset keeps the paper's
+        configs as they are; a smaller preset sets sizes, the toy prior, and edit cameras that follow the
+        capture where its evaluation orbit does (as the nerfstudio methods edit at the captured views)."""
+        from piva.threestudio.backend import LaunchSettings
+
+        opts, sizes = self.opts, self.opts.sizes
+        run = opts.prepare.run_size if opts.prepare is not None else sizes.run
+        if opts.preset == "full":
+            return LaunchSettings(device=run.device)
+        run = run.with_edit_steps(opts.edit_steps)
+        model, controlnet = NerfstudioBackend(opts).diffusion_models()
+        follows = sizes.eval.distance is None or sizes.eval.fov_y is None
+        return LaunchSettings(
+            device=run.device, source_steps=run.source_steps, source_rays_per_batch=run.source_rays_per_batch,
+            samples_per_ray=CPU_SAMPLES_PER_RAY if run.device == "cpu" else None, edit_steps=run.edit_steps, anneal_step=run.anneal_step,
+            render_size=run.render_short_side, eval_size=sizes.eval.size, eval_views=opts.eval_views,
+            background=object_scene(obj, data).backdrop, capture=capture if follows else None,
+            model=model, controlnet=controlnet)
+
     def edit(self, edit: dict, obj: dict, method: str) -> EditOutcome:
         from piva.data.cameras import noe_cameras
         from piva.threestudio import backend
@@ -223,21 +246,24 @@ class ThreestudioBackend:
             raise NotAvailable("no-edit with the threestudio backend: read the '-original' renders of any edit")
         root = backend.check_backend(opts.threestudio_root)
         record = prepare_object(obj, opts.prepare, train=False)
+        data = Path(record["data"])
+        orbit, capture = eval_orbit(opts, data)
+        settings = self.settings(obj, data, capture)
         work = Path(opts.out) / "threestudio"
-        cmd, trial = backend.source_command(root, Path(record["data"]), work, obj["id"])
+        cmd, trial = backend.source_command(root, data, work, obj["id"], settings)
         if not list((trial / "save").glob("it*-test")):  # the test stage runs once training has finished
             backend.run(cmd, root)
-        orbit, capture = eval_orbit(opts, Path(record["data"]))
         orbit = {"elevation": orbit.elevation, "distance": orbit.distance, "fov_y": orbit.fov_y}
         _reset_peak_memory(opts.device)
         t0 = time.perf_counter()
-        cmd, edit_trial = backend.edit_command(root, method, trial / "ckpts" / "last.ckpt", edit, work, opts.edit_steps,
-                                               eval_orbit=orbit)
+        cmd, edit_trial = backend.edit_command(root, method, trial / "ckpts" / "last.ckpt", edit, work,
+                                               None if opts.preset != "full" else opts.edit_steps,
+                                               eval_orbit=orbit, settings=settings)
         backend.run(cmd, root)
         wall = time.perf_counter() - t0
         edited, original = backend.test_renders(edit_trial)
         unique = torch.from_numpy(noe_cameras(len(edited))["unique"])
-        cameras = {"views": len(edited), **orbit, "capture": capture,
+        cameras = {"views": len(edited), **orbit, "capture": capture, "size": int(edited.shape[-1]),
                    "source": "threestudio test stage (piva-noe.yaml / dds-noe.yaml, orbit overridden)"}
         return EditOutcome(edited, original, unique, cameras, wall, edit_trial)
 

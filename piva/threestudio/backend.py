@@ -4,15 +4,17 @@ Each step is threestudio's own `launch.py` in a subprocess, with the extension's
 configs: the source scene from the prepared views, then the edit, whose test stage
 renders the 120 Noe cameras of the edited AND the original field. The benchmark
 evaluates those PNGs with piva.metrics, like the nerfstudio backend's renders.
-Checked here only up to the command lines (threestudio needs CUDA and tiny-cuda-nn).
+On a machine without CUDA (the toy preset, tests) launch.py runs through
+`python -m piva.threestudio.cpu`, which puts pure-torch stand-ins in its place.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -35,16 +37,96 @@ def check_backend(root: Optional[Path]) -> Path:
     return root
 
 
-def _launch(root: Path, config: str, overrides: dict, out: Path) -> list[str]:
-    args = [sys.executable, "launch.py", "--config", f"custom/{EXTENSION_DIR}/configs/{config}", "--train", "--gpu", "0"]
+@dataclass(frozen=True)
+class LaunchSettings:
+    """What a caller changes in the extension's configs: sizes and the device, and the object's inputs.
+
+    None keeps the config's value (the paper's). Every field maps to config keys in `source_overrides`
+    and `edit_overrides`; the method's own settings are not among them."""
+
+    device: str = "cuda"
+    """cpu: launch.py through `python -m piva.threestudio.cpu` (pure-torch stand-ins)."""
+    source_steps: Optional[int] = None
+    source_rays_per_batch: Optional[int] = None
+    samples_per_ray: Optional[int] = None
+    """The volume renderer's samples along the grid's diagonal (paper: 512)."""
+    edit_steps: Optional[int] = None
+    anneal_step: Optional[int] = None
+    render_size: Optional[int] = None
+    """Side of the views the diffusion model sees during the edit (paper: 512)."""
+    eval_size: Optional[int] = None
+    eval_views: Optional[int] = None
+    # inputs
+    background: Optional[Sequence[float]] = None
+    """The object's backdrop (RGB); the paper's objects are on white."""
+    capture: Optional[dict] = None
+    """{"distance", "fov_y"}: edit cameras at the capture's distance and fov instead of the paper's ranges."""
+    model: Optional[str] = None
+    controlnet: Optional[str] = None
+
+    def _common(self) -> dict:
+        out = {}
+        if self.samples_per_ray:
+            out["system.renderer.num_samples_per_ray"] = str(self.samples_per_ray)
+        if self.background is not None:
+            out["system.background.color"] = _floats(self.background)
+        return out
+
+    def source_overrides(self) -> dict:
+        out = self._common()
+        if self.source_steps:
+            out["trainer.max_steps"] = str(self.source_steps)
+        if self.source_rays_per_batch:
+            out["data.rays_per_batch"] = str(self.source_rays_per_batch)
+        if self.background is not None:
+            out["data.background_color"] = _floats(self.background)
+        return out
+
+    def edit_overrides(self) -> dict:
+        out = self._common()
+        if self.edit_steps:
+            out["trainer.max_steps"] = str(self.edit_steps)
+        if self.anneal_step is not None:
+            out["system.guidance.anneal_step"] = str(self.anneal_step)
+        if self.render_size:
+            out.update({"data.width": str(self.render_size), "data.height": str(self.render_size)})
+        if self.eval_size:
+            out.update({"data.eval_width": str(self.eval_size), "data.eval_height": str(self.eval_size)})
+        if self.eval_views:
+            out["data.n_test_views"] = str(self.eval_views)
+        if self.capture:
+            out["data.camera_distance_range"] = _floats([self.capture["distance"]] * 2)
+            out["data.fovy_range"] = _floats([self.capture["fov_y"]] * 2)
+        if self.model:
+            out["system.guidance.pretrained_model_name_or_path"] = str(self.model)
+        if self.controlnet:
+            out["system.guidance.controlnet_name_or_path"] = str(self.controlnet)
+        return out
+
+
+def _floats(values: Sequence[float]) -> str:
+    return "[" + ",".join(f"{v:g}" for v in values) + "]"
+
+
+def launcher(device: str = "cuda") -> list[str]:
+    """How launch.py is started: as itself on a GPU, through piva's CPU stand-ins elsewhere."""
+    if device == "cpu":
+        return [sys.executable, "-m", "piva.threestudio.cpu", "launch.py"]
+    return [sys.executable, "launch.py"]
+
+
+def _launch(root: Path, config: str, overrides: dict, out: Path, device: str = "cuda") -> list[str]:
+    args = launcher(device) + ["--config", f"custom/{EXTENSION_DIR}/configs/{config}", "--train", "--gpu", "0"]
     base = {"exp_root_dir": str(out), "use_timestamp": "false"}
     return args + [f"{k}={v}" for k, v in {**base, **overrides}.items()]
 
 
-def source_command(root: Path, data: Path, out: Path, object_id: str) -> tuple[list[str], Path]:
+def source_command(root: Path, data: Path, out: Path, object_id: str,
+                   settings: LaunchSettings = LaunchSettings()) -> tuple[list[str], Path]:
     """Command that fits the source scene; returns it and the trial folder it writes."""
     trial = out / "piva-source-noe" / object_id
-    cmd = _launch(root, CONFIGS["source"], {"data.dataroot": str(data), "tag": object_id}, out)
+    overrides = {"data.dataroot": str(data), "tag": object_id, **settings.source_overrides()}
+    cmd = _launch(root, CONFIGS["source"], overrides, out, settings.device)
     last = trial / "ckpts" / "last.ckpt"
     if last.is_file():
         cmd.append(f"resume={last}")
@@ -52,7 +134,7 @@ def source_command(root: Path, data: Path, out: Path, object_id: str) -> tuple[l
 
 
 def edit_command(root: Path, method: str, source_ckpt: Path, edit: dict, out: Path, steps: Optional[int] = None,
-                 eval_orbit: Optional[dict] = None):
+                 eval_orbit: Optional[dict] = None, settings: LaunchSettings = LaunchSettings()):
     """Command that edits (then renders the test cameras); returns it and the trial folder.
 
     `eval_orbit` ({"elevation", "distance", "fov_y"}) replaces the config's Noe evaluation orbit,
@@ -64,6 +146,7 @@ def edit_command(root: Path, method: str, source_ckpt: Path, edit: dict, out: Pa
         "system.guidance.source_prompt": _quote(edit["source_prompt"]),
         "system.guidance.target_prompt": _quote(edit["target_prompt"]),
         "tag": f"{edit['id']}-{method}",
+        **settings.edit_overrides(),
     }
     if method == "sds":
         # SDS shares the DDS config; its guidance returns loss_sds, which the system weights by lambda_sds.
@@ -75,7 +158,7 @@ def edit_command(root: Path, method: str, source_ckpt: Path, edit: dict, out: Pa
         overrides.update({"data.eval_elevation_deg": f"{eval_orbit['elevation']:g}",
                           "data.eval_camera_distance": f"{eval_orbit['distance']:g}",
                           "data.eval_fovy_deg": f"{eval_orbit['fov_y']:g}"})
-    cmd = _launch(root, CONFIGS[method], overrides, out)
+    cmd = _launch(root, CONFIGS[method], overrides, out, settings.device)
     last = trial / "ckpts" / "last.ckpt"
     if last.is_file():
         cmd.append(f"resume={last}")

@@ -58,6 +58,8 @@ class PosedImages:
         self.cameras = [Camera(c.c2w, c.fov_y, self.width, self.height) for c in views.cameras]
         self.c2w = torch.from_numpy(np.stack([c.c2w for c in self.cameras])).float()  # [N,4,4]
         self.rgb, self.mask = rgb, mask
+        # Images without alpha (e.g. the toy world's RGB on its grey) say nothing about where empty space is.
+        self.has_alpha = bool((mask < 1).any())
         # Camera-frame ray directions of every pixel, one grid per distinct field of view.
         fovs = sorted({c.fov_y for c in self.cameras})
         self._grids = torch.stack([image_rays(Camera(np.eye(4), f, self.width, self.height))[1] for f in fovs])

@@ -47,15 +47,17 @@ class BlenderRays(IterableDataset):
     def sample(self) -> Dict[str, Any]:
         n = self.cfg.rays_per_batch
         rays = self.images.random_rays(n)
-        return {
+        batch = {
             "rays_o": rays["rays_o"].view(1, 1, n, 3),
             "rays_d": rays["rays_d"].view(1, 1, n, 3),
             "gt_rgb": rays["rgb"].view(1, 1, n, 3),
-            "gt_mask": rays["mask"].view(1, 1, n, 1),
             "light_positions": torch.zeros(1, 3),
             "height": 1,
             "width": n,
         }
+        if self.images.has_alpha:  # no alpha, no mask: the opacity loss would fill empty space
+            batch["gt_mask"] = rays["mask"].view(1, 1, n, 1)
+        return batch
 
 
 class BlenderViews(Dataset):

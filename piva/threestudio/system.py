@@ -182,7 +182,7 @@ class PivaReconstructionSystem(BaseLift3DSystem):
     """Fits a scene to posed images (rays from `piva-blender-datamodule`): the source scene of an edit.
 
     Losses: `lambda_rgb` * MSE to the images, `lambda_mask` * BCE of the opacity
-    against the images' alpha. Its test step only renders, so the same system renders
+    against the images' alpha (images without alpha have no mask loss). Its test step only renders, so the same system renders
     any checkpoint at threestudio's orbit cameras (configs/threestudio/noe-eval-cameras.yaml).
     """
 
