@@ -170,7 +170,7 @@ def test_edit_config_carries_the_papers_values(name, mode):
     config = ts.guidance_config(section)
     assert (config.mode, config.identity_weight, config.adapter_lr) == (mode, 0.4, 1e-4)
     assert config.t_range == (0.02, 0.98) and config.annealed_range == (0.02, 0.5)
-    assert config.uses_same_latent == (mode == "piva")  # paper's trick for PiVa, the true source latent for DDS
+    assert config.uses_same_latent is False  # the true source latent, as the registered nerfstudio methods
     assert ts.needs_original(config)
 
 

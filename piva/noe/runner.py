@@ -256,7 +256,7 @@ class ThreestudioBackend:
         orbit = {"elevation": orbit.elevation, "distance": orbit.distance, "fov_y": orbit.fov_y}
         _reset_peak_memory(opts.device)
         t0 = time.perf_counter()
-        cmd, edit_trial = backend.edit_command(root, method, trial / "ckpts" / "last.ckpt", edit, work,
+        cmd, edit_trial = backend.edit_command(root, method, backend.latest_checkpoint(trial), edit, work,
                                                None if opts.preset != "full" else opts.edit_steps,
                                                eval_orbit=orbit, settings=settings)
         backend.run(cmd, root)

@@ -127,8 +127,8 @@ def source_command(root: Path, data: Path, out: Path, object_id: str,
     trial = out / "piva-source-noe" / object_id
     overrides = {"data.dataroot": str(data), "tag": object_id, **settings.source_overrides()}
     cmd = _launch(root, CONFIGS["source"], overrides, out, settings.device)
-    last = trial / "ckpts" / "last.ckpt"
-    if last.is_file():
+    last = latest_checkpoint(trial)
+    if last is not None:
         cmd.append(f"resume={last}")
     return cmd, trial
 
@@ -159,10 +159,17 @@ def edit_command(root: Path, method: str, source_ckpt: Path, edit: dict, out: Pa
                           "data.eval_camera_distance": f"{eval_orbit['distance']:g}",
                           "data.eval_fovy_deg": f"{eval_orbit['fov_y']:g}"})
     cmd = _launch(root, CONFIGS[method], overrides, out, settings.device)
-    last = trial / "ckpts" / "last.ckpt"
-    if last.is_file():
+    last = latest_checkpoint(trial)
+    if last is not None:
         cmd.append(f"resume={last}")
     return cmd, trial
+
+
+def latest_checkpoint(trial: Path) -> Optional[Path]:
+    """The newest `last*.ckpt` of a trial: Lightning writes `last-v1.ckpt` beside `last.ckpt` when a run
+    resumes with another length (its checkpoint callback's state is keyed by `every_n_train_steps`)."""
+    found = sorted((trial / "ckpts").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+    return found[-1] if found else None
 
 
 def _quote(text: str) -> str:

@@ -291,25 +291,29 @@ def pack_info(ray_indices: Tensor, n_rays: Optional[int] = None) -> Tensor:
     return torch.stack([counts.cumsum(0) - counts, counts], -1)
 
 
-def patch_nerfacc() -> None:
-    """Route nerfacc's compiled entry points to the torch versions above."""
+def patch_nerfacc(setattr=setattr) -> None:
+    """Route nerfacc's compiled entry points to the torch versions above (`setattr`: e.g. pytest's monkeypatch)."""
     import nerfacc
     import nerfacc.cuda as compiled
-    import nerfacc.pack as pack
-    import nerfacc.volrend as volrend
     import nerfacc.estimators.occ_grid as occ_grid
     import nerfacc.grid as grid
+    import nerfacc.pack as pack
+    import nerfacc.volrend as volrend
 
-    compiled.inclusive_sum = _inclusive_sum
-    compiled.exclusive_sum = _exclusive_sum
-    compiled.inclusive_prod_forward = lambda s, c, x: _prod(s, c, x, exclusive=False)
-    compiled.exclusive_prod_forward = lambda s, c, x: _prod(s, c, x, exclusive=True)
-    compiled.inclusive_prod_backward = lambda s, c, x, y, g: _prod_backward(s, c, x, g, exclusive=False)
-    compiled.exclusive_prod_backward = lambda s, c, x, y, g: _prod_backward(s, c, x, g, exclusive=True)
-    compiled.ray_aabb_intersect = _ray_aabb_intersect
-    grid.traverse_grids = traverse_grids
-    occ_grid.traverse_grids = traverse_grids
-    nerfacc.pack_info = pack.pack_info = volrend.pack_info = pack_info
+    for name, fn in {
+        "inclusive_sum": _inclusive_sum,
+        "exclusive_sum": _exclusive_sum,
+        "inclusive_prod_forward": lambda s, c, x: _prod(s, c, x, exclusive=False),
+        "exclusive_prod_forward": lambda s, c, x: _prod(s, c, x, exclusive=True),
+        "inclusive_prod_backward": lambda s, c, x, y, g: _prod_backward(s, c, x, g, exclusive=False),
+        "exclusive_prod_backward": lambda s, c, x, y, g: _prod_backward(s, c, x, g, exclusive=True),
+        "ray_aabb_intersect": _ray_aabb_intersect,
+    }.items():
+        setattr(compiled, name, fn)
+    for module in (grid, occ_grid):
+        setattr(module, "traverse_grids", traverse_grids)
+    for module in (nerfacc, pack, volrend):
+        setattr(module, "pack_info", pack_info)
 
 
 # --------------------------------------------------------------------------- torch.cuda, Lightning, threestudio
