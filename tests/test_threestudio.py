@@ -429,7 +429,7 @@ def test_package_glue_and_installer_import_without_threestudio():
     """The threestudio-free modules must import anywhere, and no front end may import another."""
     out = subprocess.run(
         [sys.executable, "-c", "import sys, piva.threestudio, piva.threestudio.config, piva.threestudio.glue, "
-                               "piva.threestudio.blender, piva.threestudio.install, piva.threestudio.backend; "
+                               "piva.threestudio.blender, piva.threestudio.install, piva.threestudio.backend, piva.threestudio.cpu; "
                                "print(sorted(m for m in ('threestudio', 'piva.nerfstudio', 'piva.toyworld', "
                                "'piva.image') if m in sys.modules))"],
         capture_output=True, text=True, check=True, cwd=REPO,
