@@ -365,7 +365,7 @@ def test_toy_benchmark_end_to_end_resumes_after_a_kill(tmp_path):
 
 
 # ---------------------------------------------------------------------------- threestudio backend
-def test_threestudio_backend_commands(tmp_path):
+def test_threestudio_backend_commands(tmp_path, monkeypatch):
     """What can be checked without threestudio: clear errors and the launch.py command lines."""
     from piva.threestudio import backend
 
@@ -376,6 +376,13 @@ def test_threestudio_backend_commands(tmp_path):
     edit = {"id": "cake-translation-0", "source_prompt": "a round cake", "target_prompt": "a square cake, on a plate"}
     cmd, trial = backend.edit_command(tmp_path, "sds", tmp_path / "src.ckpt", edit, tmp_path / "out", steps=100)
     assert cmd[1:5] == ["launch.py", "--config", "custom/threestudio-piva/configs/dds-noe.yaml", "--train"]
+    assert backend.launcher("cpu")[1:] == ["-m", "piva.threestudio.cpu", "launch.py"]  # CPU: the stand-ins
+    monkeypatch.chdir(tmp_path)  # launch.py runs in the threestudio checkout: every path it gets is absolute
+    rel, _ = backend.source_command(tmp_path, Path("data/cube"), Path("out"), "cube")
+    rel += backend.edit_command(tmp_path, "piva", Path("out/src.ckpt"), edit, Path("out"))[0]
+    paths = [c.split("=", 1)[1] for c in rel if c.split("=", 1)[0] in
+             ("data.dataroot", "exp_root_dir", "system.geometry_convert_from")]
+    assert len(paths) == 4 and all(Path(p).is_absolute() for p in paths), paths
     assert "custom/threestudio-piva/configs/dds-noe.yaml" in cmd and "system.guidance.mode=sds" in cmd
     assert 'system.guidance.target_prompt="a square cake, on a plate"' in cmd and "trainer.max_steps=100" in cmd
     assert not any(c.startswith("resume=") for c in cmd)

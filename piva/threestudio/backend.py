@@ -124,6 +124,7 @@ def _launch(root: Path, config: str, overrides: dict, out: Path, device: str = "
 def source_command(root: Path, data: Path, out: Path, object_id: str,
                    settings: LaunchSettings = LaunchSettings()) -> tuple[list[str], Path]:
     """Command that fits the source scene; returns it and the trial folder it writes."""
+    data, out = Path(data).resolve(), Path(out).resolve()  # launch.py runs in the threestudio checkout
     trial = out / "piva-source-noe" / object_id
     overrides = {"data.dataroot": str(data), "tag": object_id, **settings.source_overrides()}
     cmd = _launch(root, CONFIGS["source"], overrides, out, settings.device)
@@ -140,6 +141,7 @@ def edit_command(root: Path, method: str, source_ckpt: Path, edit: dict, out: Pa
     `eval_orbit` ({"elevation", "distance", "fov_y"}) replaces the config's Noe evaluation orbit,
     so that an object is evaluated as it was captured (benchmark presets, a user's objects)."""
     name = "piva-noe" if method == "piva" else "dds-noe"
+    source_ckpt, out = Path(source_ckpt).resolve(), Path(out).resolve()  # launch.py runs in the threestudio checkout
     trial = out / name / f"{edit['id']}-{method}"
     overrides = {
         "system.geometry_convert_from": str(source_ckpt),
