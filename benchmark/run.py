@@ -20,14 +20,15 @@ ROOT = Path(__file__).resolve().parent
 def main(argv=None) -> int:
     from piva.noe.prepare import PrepareOptions
     from piva.noe.presets import PRESETS
-    from piva.noe.runner import METHODS, RunOptions, run_benchmark, select_edits
+    from piva.noe.runner import METHODS, SPLAT_METHODS, RunOptions, run_benchmark, select_edits
     from piva.noe.validate import ManifestError, validate
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", type=Path, help="default: benchmark/noe/manifest.json (--toy: toy-manifest.json)")
     p.add_argument("--toy", action="store_true", help="the toy-world manifest and preset (CPU, offline)")
     p.add_argument("--out", type=Path, help="results folder (default: outputs/noe or outputs/noe-toy)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated, from {','.join(METHODS + SPLAT_METHODS)} (the splat ones on splatfacto scenes)")
     p.add_argument("--objects", help="comma-separated object ids")
     p.add_argument("--types", help="comma-separated: texturing,addition,translation")
     p.add_argument("--limit", type=int, help="at most this many edits (after the filters)")

@@ -76,10 +76,11 @@ def _demo(args: argparse.Namespace) -> None:
     from piva.demo import run_demo
 
     result = run_demo(Path(args.out), source=args.source, target=args.target, method=args.method,
-                      source_steps=args.source_steps, edit_steps=args.steps, seed=args.seed, geometry=args.geometry)
+                      source_steps=args.source_steps, edit_steps=args.steps, seed=args.seed, geometry=args.geometry,
+                      representation=args.representation)
     m = result["metrics"]
     print(
-        f"{result['method']}: judge success {m['judge_success_rate']:.0%}, target colour {m['target_colour_fraction']:.0%}, "
+        f"{result['registered_method']}: judge success {m['judge_success_rate']:.0%}, target colour {m['target_colour_fraction']:.0%}, "
         f"PSNR vs original {m['psnr_vs_original']:.1f} dB, background PSNR {m['background_psnr_vs_original']:.1f} dB "
         f"({result['timings']['total_s'] / 60:.1f} min) -> {args.out}"
     )
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geometry", choices=["auto", "keep", "edit"], default="auto",
                    help="keep: only colours change; edit: the whole field; auto: the method's rule "
                         "(kept when the prompts differ only in colour words)")
+    p.add_argument("--representation", choices=["nerf", "splat"], default="nerf",
+                   help="nerf: nerfacto + piva-object/piva-dds; splat: splatfacto + piva-splat/piva-splat-dds "
+                        "(on CPU through piva's own rasteriser)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 

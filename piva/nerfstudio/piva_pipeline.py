@@ -125,6 +125,11 @@ class PivaPipeline(VanillaPipeline):
         }
 
     # -- rendering --------------------------------------------------------------
+    @property
+    def renders_splats(self) -> bool:
+        """Gaussian splats (splatfacto) rather than a field rendered ray by ray."""
+        return hasattr(self.model, "gauss_params")
+
     def _camera(self, index: int):
         cams = self.datamanager.train_dataparser_outputs.cameras
         cam = cams[index : index + 1].to(self.device)
@@ -137,6 +142,13 @@ class PivaPipeline(VanillaPipeline):
         grad and backpropagated at once, so memory stays at one chunk. Each chunk's sampling
         jitter is seeded, so the grad pass re-renders exactly the image that was scored."""
         cam, index = camera
+        if self.renders_splats:  # whole views at once, with depth
+            if grad_rgb is not None:
+                self.model.get_outputs(cam)["rgb"].backward(grad_rgb)
+                return {}
+            with torch.no_grad():
+                out = self.model.get_outputs(cam)
+            return {"rgb": out["rgb"].clamp(0, 1), "depth": out["depth"][..., 0], "accumulation": out["accumulation"][..., 0]}
         bundle = cam.generate_rays(camera_indices=0, keep_shape=True)
         # The view's own appearance embedding, not camera 0's.
         bundle.camera_indices = torch.full_like(bundle.camera_indices, index)
@@ -216,9 +228,9 @@ class PivaPipeline(VanillaPipeline):
 
         # The field's own ray batch keeps the proposal networks tracking the edited density
         # (interlevel/distortion losses); the photometric loss is dropped: it would undo the edit.
-        # With the geometry frozen there is no density to track.
+        # With the geometry frozen there is no density to track; splats have no proposal networks.
         model_outputs, metrics_dict, loss_dict = {}, {}, {}
-        if getattr(self.model.config, "edit_geometry", True):
+        if getattr(self.model.config, "edit_geometry", True) and not self.renders_splats:
             ray_bundle, batch = self.datamanager.next_train(step)
             model_outputs = self.model(ray_bundle)
             metrics_dict = self.model.get_metrics_dict(model_outputs, batch)

@@ -39,6 +39,17 @@ CPU_FIELD = dict(
     use_appearance_embedding=False,
 )
 
+# Gaussian splats on CPU (piva's dense rasteriser): few Gaussians, no view-dependent colour, densification
+# on the short schedule of a 600-step fit. Sizes only; the method's own values stay.
+CPU_SPLATS = dict(
+    num_random=2000,
+    random_scale=2.0,
+    sh_degree=0,
+    num_downscales=0,
+    warmup_length=100,
+    refine_every=50,
+)
+
 
 @dataclass(frozen=True)
 class RunSize:
@@ -80,7 +91,7 @@ TOY_SIZE = RunSize(edit_steps=300, anneal_step=150, render_short_side=32, rays_p
 SIZE_FIELDS = frozenset({
     "max_num_iterations", "pipeline.guidance.anneal_step", "pipeline.render_short_side",
     "pipeline.datamanager.train_num_rays_per_batch", "pipeline.rays_per_chunk", "machine.device_type",
-    *(f"pipeline.model.{k}" for k in CPU_FIELD),
+    *(f"pipeline.model.{k}" for k in CPU_FIELD), *(f"pipeline.model.{k}" for k in CPU_SPLATS),
 })
 INPUT_FIELDS = frozenset({
     "pipeline.guidance.source_prompt", "pipeline.guidance.target_prompt", "pipeline.diffusion_model",
@@ -111,6 +122,12 @@ class ObjectScene:
     def model_settings(self, size: RunSize) -> dict:
         return dict(CPU_FIELD if size.cpu_field else {}, backdrop_rgb=self.backdrop, near_plane=self.near,
                     far_plane=self.far)
+
+
+def _splats(model_config) -> bool:
+    from piva.nerfstudio.splat_model import PivaSplatfactoModelConfig
+
+    return isinstance(model_config, PivaSplatfactoModelConfig)
 
 
 def _machine(size: RunSize):
@@ -154,6 +171,34 @@ def source_config(scene: ObjectScene, output_dir: Path, size: RunSize = RunSize(
     )
 
 
+def splat_source_config(scene: ObjectScene, output_dir: Path, size: RunSize = RunSize()):
+    """splatfacto (piva's class: also runs on CPU) on an object dataset, with splatfacto's optimiser settings
+    and random initial Gaussians (object datasets have no SfM points)."""
+    from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
+    from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
+    from nerfstudio.engine.trainer import TrainerConfig
+    from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
+
+    from piva.nerfstudio.piva_config import splat_optimizers
+    from piva.nerfstudio.splat_model import PivaSplatfactoModelConfig
+
+    steps = size.source_steps
+    return TrainerConfig(
+        method_name="splatfacto", experiment_name="source", timestamp="run", output_dir=Path(output_dir),
+        max_num_iterations=steps, steps_per_save=steps, steps_per_eval_batch=1_000_000,
+        steps_per_eval_image=1_000_000, steps_per_eval_all_images=1_000_000, save_only_latest_checkpoint=True,
+        mixed_precision=False, machine=_machine(size),
+        pipeline=VanillaPipelineConfig(
+            datamanager=FullImageDatamanagerConfig(dataparser=scene.parser(), cache_images_type="uint8"),
+            model=PivaSplatfactoModelConfig(random_init=True, backdrop_rgb=scene.backdrop,
+                                            camera_optimizer=CameraOptimizerConfig(mode="off"),
+                                            **(CPU_SPLATS if size.cpu_field else {})),
+        ),
+        optimizers=splat_optimizers(steps),
+        vis="tensorboard",
+    )
+
+
 def edit_config(
     method: str,
     scene: ObjectScene,
@@ -183,9 +228,14 @@ def edit_config(
         pipe.controlnet_model = str(controlnet_model)
     pipe.render_short_side = size.render_short_side
     pipe.rays_per_chunk = size.rays_per_chunk
-    pipe.datamanager = dataclasses.replace(pipe.datamanager, dataparser=scene.parser(),
-                                           train_num_rays_per_batch=size.rays_per_batch)
-    pipe.model = dataclasses.replace(pipe.model, **scene.model_settings(size), edit_geometry=edit_geometry)
+    if _splats(pipe.model):  # whole views: no ray batches, no near/far planes
+        pipe.datamanager = dataclasses.replace(pipe.datamanager, dataparser=scene.parser())
+        pipe.model = dataclasses.replace(pipe.model, backdrop_rgb=scene.backdrop, edit_geometry=edit_geometry,
+                                         **(CPU_SPLATS if size.cpu_field else {}))
+    else:
+        pipe.datamanager = dataclasses.replace(pipe.datamanager, dataparser=scene.parser(),
+                                               train_num_rays_per_batch=size.rays_per_batch)
+        pipe.model = dataclasses.replace(pipe.model, **scene.model_settings(size), edit_geometry=edit_geometry)
     cfg.output_dir, cfg.experiment_name, cfg.timestamp = Path(output_dir), "edit", "run"
     cfg.load_dir = Path(load_dir)
     cfg.max_num_iterations = size.edit_steps
@@ -256,9 +306,10 @@ def run(config) -> Path:
     return config.get_checkpoint_dir()
 
 
-def reconstruct(scene: ObjectScene, output_dir: Path, size: RunSize = RunSize()) -> Path:
-    """The source scene's nerfstudio run folder, trained once (an existing checkpoint is kept)."""
-    cfg = source_config(scene, output_dir, size)
+def reconstruct(scene: ObjectScene, output_dir: Path, size: RunSize = RunSize(), splats: bool = False) -> Path:
+    """The source scene's nerfstudio run folder (nerfacto, or splatfacto with `splats`), trained once (an existing
+    checkpoint is kept)."""
+    cfg = (splat_source_config if splats else source_config)(scene, output_dir, size)
     run_dir = Path(cfg.get_base_dir())
     if latest_checkpoint(run_dir / "nerfstudio_models") is None:
         run(cfg)

@@ -21,13 +21,14 @@ ALPHA_MAX = 0.999  # and clamps alpha here
 
 def project(means: Tensor, quats: Tensor, scales: Tensor, viewmat: Tensor, K: Tensor, width: int, height: int,
             near_plane: float = 0.01, far_plane: float = 1e10, eps2d: float = 0.3) -> Dict[str, Tensor]:
-    """gsplat's pure-torch projection of N Gaussians into one camera: means2d [N,2], conics [N,3], depths [N], radii [N]."""
+    """gsplat's pure-torch projection of N Gaussians into one camera: means2d [N,2], conics [N,3], depths [N], radii [N]
+    (and means2d_batched [1,N,2], the tensor means2d is a view of: what a densification strategy reads the gradient of)."""
     from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
 
     covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_covar=True, compute_preci=False, triu=False)
     radii, means2d, depths, conics, _ = _fully_fused_projection(
         means, covars, viewmat[None], K[None], width, height, eps2d=eps2d, near_plane=near_plane, far_plane=far_plane)
-    return {"means2d": means2d[0], "conics": conics[0], "depths": depths[0], "radii": radii[0]}
+    return {"means2d": means2d[0], "means2d_batched": means2d, "conics": conics[0], "depths": depths[0], "radii": radii[0]}
 
 
 def composite(means2d: Tensor, conics: Tensor, depths: Tensor, radii: Tensor, opacities: Tensor, colors: Tensor,

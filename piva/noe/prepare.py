@@ -191,15 +191,18 @@ def write_dataset(obj: dict, opts: PrepareOptions) -> Path:
     return out
 
 
-def train_source(obj: dict, data: Path, opts: PrepareOptions) -> Path:
-    """Reconstruct the source scene with nerfacto; returns its `nerfstudio_models` folder (skips when done)."""
+def train_source(obj: dict, data: Path, opts: PrepareOptions, splats: bool = False) -> Path:
+    """Reconstruct the source scene with nerfacto (splatfacto with `splats`); returns its `nerfstudio_models`
+    folder (skips when done)."""
     from piva.nerfstudio.runs import reconstruct
 
-    return reconstruct(object_scene(obj, data), object_dir(opts.root, obj) / "runs", opts.run_size) / "nerfstudio_models"
+    runs_dir = object_dir(opts.root, obj) / ("splat-runs" if splats else "runs")
+    return reconstruct(object_scene(obj, data), runs_dir, opts.run_size, splats=splats) / "nerfstudio_models"
 
 
-def prepare_object(obj: dict, opts: PrepareOptions, train: bool = True) -> dict:
-    """Dataset + source scene of one object; the record is kept in objects/<id>/prepared.json.
+def prepare_object(obj: dict, opts: PrepareOptions, train: bool = True, splats: bool = False) -> dict:
+    """Dataset + source scene of one object (nerfacto; also splatfacto with `splats`); the record is kept
+    in objects/<id>/prepared.json.
 
     A file lock makes parallel workers (Ray tasks, several runners) wait for one
     another instead of preparing the same object twice.
@@ -210,10 +213,13 @@ def prepare_object(obj: dict, opts: PrepareOptions, train: bool = True) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / ".prepare.lock")):
         data = write_dataset(obj, opts)
-        record = {"object": obj["id"], "data": str(data), "preset": opts.sizes.name}
+        kept = folder / "prepared.json"
+        record = json.loads(kept.read_text()) if kept.is_file() else {}
+        record.update({"object": obj["id"], "data": str(data), "preset": opts.sizes.name})
         if train:
-            record["source_checkpoints"] = str(train_source(obj, data, opts))
-        (folder / "prepared.json").write_text(json.dumps(record, indent=2))
+            key = "splat_source_checkpoints" if splats else "source_checkpoints"
+            record[key] = str(train_source(obj, data, opts, splats=splats))
+        kept.write_text(json.dumps(record, indent=2))
     return record
 
 

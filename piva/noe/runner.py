@@ -22,8 +22,11 @@ from piva.noe.prepare import NotAvailable, PrepareOptions, object_dir, object_sc
 from piva.noe.presets import EvalOrbit, Preset, get_preset
 
 METHODS = ("piva", "dds", "sds", "no-edit")
+SPLAT_METHODS = ("piva-splat", "dds-splat")
+"""The same edits on splatfacto scenes (nerfstudio backend; ask for them with --methods)."""
 # The registered nerfstudio method each benchmark method runs (objects: the paper's lambda 0.4).
-REGISTERED_METHODS = {"piva": "piva-object", "dds": "piva-dds", "sds": "piva-sds"}
+REGISTERED_METHODS = {"piva": "piva-object", "dds": "piva-dds", "sds": "piva-sds",
+                      "piva-splat": "piva-splat", "dds-splat": "piva-splat-dds"}
 # threestudio's volume renderer on CPU: samples along the grid's diagonal (paper: 512), the size the
 # toy world's objects need at 32 px; the occupancy grid skips the empty ones either way.
 CPU_SAMPLES_PER_RAY = 128
@@ -162,13 +165,14 @@ class NerfstudioBackend:
         pipeline, _ = load_pipeline(run, device=self.opts.device)
         return render_views(pipeline, cams, progress=f"[noe] rendering {what}")["rgb"]
 
-    def original(self, obj: dict, record: dict, cams: list, s: dict) -> torch.Tensor:
-        """The original scene at the evaluation cameras, rendered once per object and orbit and kept."""
+    def original(self, obj: dict, record: dict, cams: list, s: dict, splats: bool = False) -> torch.Tensor:
+        """The original scene at the evaluation cameras, rendered once per object, orbit and representation."""
         key = f"{s['views']}x{s['size']}-el{s['elevation']:g}-d{s['distance']:.3f}-f{s['fov_y']:.2f}"
-        cache = object_dir(self.opts.prepare.root, obj) / f"original_eval_{key}.pt"
+        cache = object_dir(self.opts.prepare.root, obj) / f"original_eval_{key}{'-splat' if splats else ''}.pt"
         if cache.is_file():
             return torch.load(cache)
-        rgb = self.render(Path(record["source_checkpoints"]).parent, f"original {obj['id']}", cams)
+        checkpoints = record["splat_source_checkpoints" if splats else "source_checkpoints"]
+        rgb = self.render(Path(checkpoints).parent, f"original {obj['id']}", cams)
         atomic_torch_save(rgb, cache)
         return rgb
 
@@ -190,14 +194,16 @@ class NerfstudioBackend:
         from piva.nerfstudio import runs
 
         opts = self.opts
-        record = prepare_object(obj, opts.prepare)
+        splats = method in SPLAT_METHODS
+        record = prepare_object(obj, opts.prepare, splats=splats)
+        source = Path(record["splat_source_checkpoints" if splats else "source_checkpoints"])
         _reset_peak_memory(opts.device)
         t0 = time.perf_counter()
         run = None
         if method != "no-edit":
             model, controlnet = self.diffusion_models()
             cfg = runs.edit_config(
-                REGISTERED_METHODS[method], object_scene(obj, Path(record["data"])), Path(record["source_checkpoints"]),
+                REGISTERED_METHODS[method], object_scene(obj, Path(record["data"])), source,
                 Path(opts.out) / "work" / method, edit["source_prompt"], edit["target_prompt"],
                 opts.sizes.run.with_edit_steps(opts.edit_steps), diffusion_model=model, controlnet_model=controlnet,
             )
@@ -205,7 +211,7 @@ class NerfstudioBackend:
             run = runs.edit(cfg)
         wall = time.perf_counter() - t0
         cams, unique, setting = self.cameras(Path(record["data"]))
-        original = self.original(obj, record, cams, setting)
+        original = self.original(obj, record, cams, setting, splats=splats)
         edited = original.clone() if run is None else self.render(run, edit["id"], cams)
         recon = self.reconstruction(obj, record) if method == "no-edit" else None
         return EditOutcome(edited, original, unique, setting, wall, run, recon)
@@ -244,6 +250,8 @@ class ThreestudioBackend:
         opts = self.opts
         if method == "no-edit":
             raise NotAvailable("no-edit with the threestudio backend: read the '-original' renders of any edit")
+        if method in SPLAT_METHODS:
+            raise NotAvailable(f"{method} with the threestudio backend: splats run in nerfstudio (splatfacto)")
         root = backend.check_backend(opts.threestudio_root)
         record = prepare_object(obj, opts.prepare, train=False)
         data = Path(record["data"])
@@ -366,9 +374,9 @@ def run_benchmark(manifest: dict, edits: list[dict], opts: RunOptions, ray_addre
     """Run what is not done yet, then write the leaderboards; returns {'done', 'skipped', 'failed'}."""
     from piva.noe.leaderboard import write_leaderboards
 
-    bad = [m for m in opts.methods if m not in METHODS]
+    bad = [m for m in opts.methods if m not in METHODS + SPLAT_METHODS]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}: choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {bad}: choose from {', '.join(METHODS + SPLAT_METHODS)}")
     todo = pending(manifest, edits, opts)
     total = len(edits) * len(opts.methods)
     if opts.preset == "toy":
