@@ -75,6 +75,10 @@ class PivaTrainer(Trainer):
         except ValueError as exc:
             _fail(str(exc))
         self._start_step = state["step"] + 1
+        if getattr(self.pipeline, "renders_splats", False):
+            # splatfacto's load_state_dict makes new Parameters sized to the checkpoint's Gaussians: the
+            # optimizers built before the load would train the old ones.
+            self.optimizers = self.setup_optimizers()
         if resuming:
             self.optimizers.load_optimizers(state["optimizers"])
             if "schedulers" in state and cfg.load_scheduler:
