@@ -239,6 +239,4 @@ MOVING_METHODS = ("piva", "dds", "sds")
 
 def _adapter_steps(ckpt: dict) -> list:
     """The AdamW step counts of the PiVa adapters' optimiser, as stored in a threestudio checkpoint."""
-    state = ckpt["piva_adapters"]
-    opt = state.get("optimizer") or state.get("adapter_optimizer") or {}
-    return [int(v["step"]) for v in opt.get("state", {}).values()]
+    return [int(v["step"]) for v in ckpt["piva_adapters"]["optimizer"]["state"].values()]

@@ -131,19 +131,20 @@ class Backend(Protocol):
     def edit(self, edit: dict, obj: dict, method: str) -> EditOutcome: ...
 
 
+def diffusion_models(opts: RunOptions) -> tuple[Optional[str], Optional[str]]:
+    """The toy prior for the toy preset; else the method's own (hub ids). Both backends use it."""
+    if opts.preset == "toy":
+        from piva.toyworld.quality import CONTROLNET_DIR, PRIOR_DIR
+
+        return str(PRIOR_DIR), str(CONTROLNET_DIR)
+    return None, None
+
+
 class NerfstudioBackend:
     """The registered nerfstudio methods (`piva-object`, `piva-dds`, `piva-sds`) at the preset's sizes."""
 
     def __init__(self, opts: RunOptions) -> None:
         self.opts = opts
-
-    def diffusion_models(self) -> tuple[Optional[str], Optional[str]]:
-        """The toy prior for the toy preset; else the registered method's own (hub ids)."""
-        if self.opts.preset == "toy":
-            from piva.toyworld.quality import CONTROLNET_DIR, PRIOR_DIR
-
-            return str(PRIOR_DIR), str(CONTROLNET_DIR)
-        return None, None
 
     def cameras(self, data: Path):
         """One object's evaluation cameras: views, unique mask, recorded setting (orbit from `eval_orbit`)."""
@@ -201,7 +202,7 @@ class NerfstudioBackend:
         t0 = time.perf_counter()
         run = None
         if method != "no-edit":
-            model, controlnet = self.diffusion_models()
+            model, controlnet = diffusion_models(opts)
             cfg = runs.edit_config(
                 REGISTERED_METHODS[method], object_scene(obj, Path(record["data"])), source,
                 Path(opts.out) / "work" / method, edit["source_prompt"], edit["target_prompt"],
@@ -234,7 +235,7 @@ class ThreestudioBackend:
         if opts.preset == "full":
             return LaunchSettings(device=run.device)
         run = run.with_edit_steps(opts.edit_steps)
-        model, controlnet = NerfstudioBackend(opts).diffusion_models()
+        model, controlnet = diffusion_models(opts)
         follows = sizes.eval.distance is None or sizes.eval.fov_y is None
         return LaunchSettings(
             device=run.device, source_steps=run.source_steps, source_rays_per_batch=run.source_rays_per_batch,
