@@ -17,60 +17,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from piva.data.images import image_grid, save_image_grid
 from piva.io import atomic_path, atomic_write_json
-from piva.metrics import psnr, ssim
 from piva.nerfstudio import runs
 from piva.nerfstudio.views import load_pipeline, render_views
 from piva.noe.prepare import toy_object_scene
-from piva.toyworld.judge import classify, create_judge, iou, object_hue_fraction, silhouette
+from piva.toyworld.evaluate import exact_edit_figures
 from piva.toyworld.quality import CONTROLNET_DIR, PRIOR_DIR
-from piva.toyworld.scenes import Camera, Scene, all_scenes, render, toy_orbit, write_blender_dataset
+from piva.toyworld.scenes import Scene, toy_orbit, write_blender_dataset
 
 
 # `piva demo --method X` runs this registered method (objects: the paper's lambda 0.4);
 # `--representation splat` the splatfacto one.
 DEMO_METHODS = {"piva": "piva-object", "dds": "piva-dds"}
 SPLAT_METHODS = {"piva": "piva-splat", "dds": "piva-splat-dds"}
-
-
-def score(edited: torch.Tensor, original: torch.Tensor, source: Scene, target: Scene, cams: list[Camera]) -> dict:
-    """Judge's success and the exact preservation figures, on the same cameras."""
-    judge, _, tok = create_judge()
-    captions = [s.caption for s in all_scenes()]
-    probs = classify(judge, tok, edited, captions)
-    top = probs.argmax(-1)
-    ti, si = captions.index(target.caption), captions.index(source.caption)
-    exact_target = [render(target, c) for c in cams]
-    exact_source = [render(source, c) for c in cams]
-    obj_t = torch.from_numpy(np.stack([r["object"] for r in exact_target]))[:, None]
-    alpha_t = torch.from_numpy(np.stack([r["alpha"] for r in exact_target]))[:, None]
-    alpha_s = torch.from_numpy(np.stack([r["alpha"] for r in exact_source]))[:, None]
-    untouched = 1 - ((alpha_s + alpha_t) > 0.01).float()  # outside everything the edit may touch
-    return {
-        "judge_success_rate": float((top == ti).float().mean()),
-        "judge_source_rate": float((top == si).float().mean()),
-        "judge_p_target": float(probs[:, ti].mean()),
-        "judge_p_source": float(probs[:, si].mean()),
-        "target_colour_fraction": float(object_hue_fraction(edited, obj_t, target.color).mean()),
-        "silhouette_iou_vs_target_geometry": float(iou(silhouette(edited), alpha_t).mean()),
-        # The same two measures on the original scene's renders: how far the edit moved.
-        "judge_p_target_original": float(classify(judge, tok, original, captions)[:, ti].mean()),
-        "target_colour_fraction_original": float(object_hue_fraction(original, obj_t, target.color).mean()),
-        "object_rgb": _mean_rgb(edited, obj_t),
-        "object_rgb_original": _mean_rgb(original, obj_t),
-        "psnr_vs_original": psnr(edited, original),
-        "ssim_vs_original": ssim(edited, original),
-        "background_psnr_vs_original": psnr(edited, original, untouched),
-    }
-
-
-def _mean_rgb(rgb: torch.Tensor, mask: torch.Tensor) -> list[float]:
-    """Mean colour of the pixels inside `mask` (the target object's exact silhouette)."""
-    m = (mask > 0.5).float()
-    return ((rgb * m).sum((0, 2, 3)) / m.sum().clamp(min=1)).tolist()
 
 
 def _slug(caption: str) -> str:
@@ -104,7 +65,7 @@ def judge_edit(source_run: Path, edit_run: Path, source: Scene, target: Scene):
     eval_cams = toy_orbit(12)
     before = render_views(original, eval_cams)
     after = render_views(edited, eval_cams)
-    return original, edited, before, after, score(after["rgb"], before["rgb"], source, target, eval_cams)
+    return original, edited, before, after, exact_edit_figures(after["rgb"], before["rgb"], source, target, eval_cams)
 
 
 def run_demo(

@@ -277,3 +277,32 @@ def test_noise_draws_average_single_draws(prior, latents):
     torch.testing.assert_close(grads[2], (grads[0] + grads[1]) / 2, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="noise_draws"):
         sd.step(latents=z, depth=depth, t=T, noise=noise)
+
+
+def test_target_only_steps_score_sds_first_then_the_mode(prior, latents):
+    """A piva edit with target_only_steps=K: the hand SDS gradient at steps < K (no identity term), PiVa's from K."""
+    z, noise, z_src = latents
+    sd = ScoreDistillation(prior, GuidanceConfig(mode="piva", source_prompt=SRC, target_prompt=TGT, same_latent=False,
+                                                 target_only_steps=5))
+    randomize_adapters(prior.unet, 1)
+    randomize_adapters(prior.controlnet, 2)
+    depth = torch.rand(2, 1, 32, 32) * 2 + 2
+    grads = []
+    for step in (4, 5):
+        zz = z.clone().requires_grad_(True)
+        sd.step(latents=zz, depth=depth, source_latents=z_src, t=T, noise=noise, step=step).loss.backward()
+        grads.append(zz.grad)
+    a = alphas_bar()[T]
+    z_t, zs_t = (a.sqrt() * x + (1 - a).sqrt() * noise for x in (z, z_src))
+    set_lora(prior, None)
+    e_u, e_c = eps(prior, z_t, embed(prior, "", 2)), eps(prior, z_t, embed(prior, TGT, 2))
+    torch.testing.assert_close(grads[0], (1 - a) * (e_u + CFG * (e_c - e_u) - noise) / 2, rtol=1e-4, atol=2e-5)
+    dds = dds_by_hand(prior, z_t, zs_t)
+    control = inverse_depth_image(depth, (32, 32))
+    set_lora(prior, "source")
+    e_psi = eps(prior, z_t, embed(prior, SRC, 2), control)
+    set_lora(prior, "target")
+    e_phi = eps(prior, z_t, embed(prior, TGT, 2), control)
+    torch.testing.assert_close(grads[1], (1 - a) * (dds + 0.4 * (e_psi - e_phi)) / 2, rtol=1e-4, atol=2e-5)
+    with pytest.raises(ValueError, match="target_only_steps"):
+        GuidanceConfig(mode="piva", source_prompt=SRC, target_prompt=TGT, target_only_steps=-1).validate()

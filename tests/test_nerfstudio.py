@@ -131,6 +131,26 @@ def test_edit_writes_adapters_and_resumes(scene, tiny_dir):
     assert "piva: error: this piva checkpoint was made on another scene" in res.stderr
 
 
+def test_target_only_steps_step_the_field_at_the_scaled_lr(scene, tiny_dir):
+    """Adam's first step moves each parameter by exactly its lr: 10x the grid's 1e-3 during a target-only step."""
+    nerfacto = torch.load(next(scene["nerfacto"].glob("*.ckpt")), map_location="cpu", weights_only=False)["pipeline"]
+    key = next(k for k in nerfacto if k.endswith("field.mlp_base.model.0.hash_table") and "proposal" not in k)
+    mlp = next(k for k in nerfacto if ".field.mlp_head." in k and "proposal" not in k)
+    moves = []
+    for scale in ("10", "1"):
+        shutil.rmtree(scene["root"] / "edits", ignore_errors=True)
+        res = ns_train(scene, tiny_dir, "--pipeline.guidance.target-only-steps", "1",
+                       "--pipeline.guidance.target-only-lr-scale", scale, load_dir=scene["nerfacto"], steps=1,
+                       prompts=("a red cube", "a red cube on a white plate"))
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        state = torch.load(checkpoints(scene)[1][-1], map_location="cpu", weights_only=False)
+        moves.append((state["pipeline"][key] - nerfacto[key]).abs().max().item())
+        # the shared colour MLP is not boosted (target_only_lr_groups): its first step is its plain lr
+        assert (state["pipeline"][mlp] - nerfacto[mlp]).abs().max().item() == pytest.approx(1e-3, rel=1e-3)
+        assert state["optimizers"]["fields"]["param_groups"][0]["lr"] == 1e-3  # the plain lr is what is saved
+    assert moves[0] == pytest.approx(1e-2, rel=1e-3) and moves[1] == pytest.approx(1e-3, rel=1e-3)
+
+
 def test_missing_load_dir_fails_in_one_line(scene, tiny_dir):
     res = ns_train(scene, tiny_dir, steps=1)
     assert res.returncode != 0
@@ -267,6 +287,50 @@ def test_edit_grid_levels_leaves_the_fine_levels_as_reconstructed():
         assert bool(table.grad[3 * rows :].abs().sum() > 0) is fine_moves
     with pytest.raises(ValueError, match="must be 1..8"):
         PivaNerfactoModelConfig(**CPU_FIELD, edit_grid_levels=9).setup(scene_box=box, num_train_data=4)
+
+
+def test_geometry_edits_change_only_the_levels_whose_table_holds_every_vertex():
+    """The default rule: a geometry edit trains the levels with (res+1)^3 <= table size, counted here by hand;
+    a reconstruction (edit_geometry unresolved) and a tcnn grid train all."""
+    import math
+
+    import torch
+    from nerfstudio.data.scene_box import SceneBox
+    from nerfstudio.field_components.encodings import HashEncoding
+
+    from piva.nerfstudio.piva_model import PivaNerfactoModelConfig, whole_levels
+    from piva.nerfstudio.runs import CPU_FIELD
+
+    def by_hand(levels, min_res, max_res, log2):
+        growth = math.exp((math.log(max_res) - math.log(min_res)) / (levels - 1))
+        return sum((math.floor(min_res * growth**i) + 1) ** 3 <= 2**log2 for i in range(levels))
+
+    assert by_hand(8, 16, 256, 15) == 2 and by_hand(16, 16, 2048, 19) == 5  # the toy field; nerfacto on a GPU
+    assert whole_levels(HashEncoding(num_levels=8, max_res=256, log2_hashmap_size=15, implementation="torch")) == 2
+    assert whole_levels(HashEncoding(num_levels=16, max_res=2048, log2_hashmap_size=19, implementation="torch")) == 5
+
+    box = SceneBox(aabb=torch.tensor([[-1.5, -1.5, -1.5], [1.5, 1.5, 1.5]]))
+    points = torch.rand(4096, 3) * 2 - 1
+    rows = 2**15
+    for edit_geometry, frozen_from in ((True, 2 * rows), (None, None), (False, None)):
+        model = PivaNerfactoModelConfig(**CPU_FIELD, edit_geometry=edit_geometry).setup(scene_box=box, num_train_data=4)
+        table = model.field.mlp_base.model[0].hash_table
+        model.field.mlp_base(points).square().sum().backward()
+        fine = table.grad[2 * rows :].abs().sum()
+        assert bool(fine == 0) is (frozen_from is not None), edit_geometry
+        assert table.grad[: 2 * rows].abs().sum() > 0
+
+
+def test_geometry_edits_grow_with_the_target_caption_first(scene, tiny_dir):
+    """The pipeline's rule: target-only steps until the anneal for a geometry edit, none for a colour-only one."""
+    from piva.nerfstudio.piva_pipeline import PivaPipeline
+
+    for target, expected in (("a blue cube", 0), ("a red cube on a white plate", 150)):
+        cfg = runs.edit_config("piva-object", toy_object_scene(scene["data"]), scene["nerfacto"], scene["root"],
+                               "a red cube", target, runs.TOY_SIZE, diffusion_model=str(tiny_dir))
+        pipeline = PivaPipeline(cfg.pipeline, "cpu")
+        assert pipeline.config.guidance.target_only_steps == expected
+        assert pipeline.model.config.edit_geometry is (expected > 0)
 
 
 def test_backdrop_is_a_fixed_colour_the_field_cannot_change():

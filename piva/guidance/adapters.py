@@ -148,8 +148,8 @@ class DualAdapters:
         prior = self.prior
         t = t.expand(z_t.shape[0]) if t.dim() == 0 or t.numel() == 1 else t
         residuals = {}
-        if self.use_controlnet:
-            rows = [i for i, r in enumerate(routes) if r != BASE]
+        rows = [i for i, r in enumerate(routes) if r != BASE]
+        if self.use_controlnet and rows:  # an all-BASE batch (e.g. SDS steps of a piva edit) needs no ControlNet
             if control is None:
                 raise ValueError("PiVa with a depth ControlNet needs a depth map for every render")
             with route_adapters(prior.controlnet, [routes[i] for i in rows]):

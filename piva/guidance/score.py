@@ -82,6 +82,15 @@ class GuidanceConfig:
     (score + update/k) and lets the target adapter lag the edit further behind."""
     adapter_checkpointing: bool = False
     """Gradient checkpointing in the adapters' update: less activation memory for about a third more update compute."""
+    target_only_steps: Optional[int] = None
+    """Edit steps, from the first, scored by the target caption alone (SDS, no identity term) before the
+    mode's own score takes over. SDS grows new geometry that the caption difference of DDS/PiVa does
+    not (a plate under a cube, docs/toyworld.md); the mode's score then restores what must stay.
+    None: the front end's rule (nerfstudio, nerfacto fields: `anneal_step` for edits that change
+    geometry, 0 for colour-only ones); 0 elsewhere (images, splats, threestudio: not measured)."""
+    target_only_lr_scale: float = 10.0
+    """Learning-rate multiplier of the scene's optimisers during the target-only steps (nerfstudio): at the
+    edit's own lr SDS grew nothing in 300 toy steps, at 10x it grew the plate (docs/toyworld.md)."""
     pixel_gradient: Literal["encoder", "decoded"] = "encoder"
     """How the latent gradient reaches an RGB input: "encoder" (the paper: through the VAE encoder's
     Jacobian) or "decoded" (the latent step decoded by the VAE, D(z) - D(z - grad)). A small VAE's
@@ -100,6 +109,9 @@ class GuidanceConfig:
             raise ValueError("adapter_rank must be >= 1 and adapter_lr > 0")
         if self.noise_draws < 1:
             raise ValueError("noise_draws must be >= 1 (1: one noise sample per step, as in the paper)")
+        if (self.target_only_steps or 0) < 0 or self.target_only_lr_scale <= 0:
+            raise ValueError("target_only_steps must be >= 0 (0: the mode's own score from the first step) "
+                             "and target_only_lr_scale > 0")
         if self.adapter_update_every < 1:
             raise ValueError("adapter_update_every must be >= 1 (1: update the adapters at every step)")
         if self.pixel_gradient not in ("encoder", "decoded"):
@@ -227,6 +239,8 @@ class ScoreDistillation:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not decoded):  # decoded: no encoder graph needed
             z = self.latents_of(rgb, latents, "edited", generator)
         t = self.schedule.sample(step, generator) if t is None else int(t)
+        variant = "sds" if step < (cfg.target_only_steps or 0) else self._variant
+        with_identity = self.adapters is not None and variant != "sds"
         # noise_draws: every latent repeated, each copy with its own noise; the scores are averaged.
         draws = cfg.noise_draws
         zd = z.detach().repeat(draws, 1, 1, 1)
@@ -238,16 +252,16 @@ class ScoreDistillation:
 
         # Same noise and t in every branch (eq. 4).
         noisy = {_EDITED: prior.add_noise(zd, noise, t)}
-        if self._variant == "dds":
+        if variant == "dds":
             z_src = self._source_latents(z, source_rgb, source_latents, generator).repeat(draws, 1, 1, 1)
             noisy[_ORIGINAL] = prior.add_noise(z_src, noise, t)
         if depth is not None and draws > 1:
             depth = depth.repeat(draws, 1, 1, 1) if depth.dim() == 4 else depth.repeat(draws, 1, 1)
-        eps = self._predict(self._rows(noisy), t, depth, zd)
+        eps = self._predict(self._rows(noisy, variant, with_identity), t, depth, zd)
 
-        score = _DELTA[self._variant](eps, cfg.guidance_scale, noise.float())
+        score = _DELTA[variant](eps, cfg.guidance_scale, noise.float())
         diagnostics = {"t": t, "delta_norm": score.norm().item()}
-        if self.adapters is not None:
+        if with_identity:
             reg = self._identity(eps)
             diagnostics["identity_norm"] = reg.norm().item()
             score = score + cfg.identity_weight * reg
@@ -270,11 +284,12 @@ class ScoreDistillation:
             raise ValueError(f"source latents {tuple(z_src.shape)} do not match edited latents {tuple(z.shape)}")
         return z_src
 
-    def _rows(self, noisy: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
+    def _rows(self, noisy: dict[str, torch.Tensor], variant: str,
+              with_identity: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor, str]]:
         """name -> (noisy latent, text, adapter route): the rows of the one batched call this step needs."""
         text = {"uncond": self.uncond_text, "source": self.source_text, "target": self.target_text}
-        needed = dict(_ROWS[self._variant])
-        if self.adapters is not None:
+        needed = dict(_ROWS[variant])
+        if with_identity:
             needed.update(_ADAPTER_ROWS)
             if self.config.adapter_guidance_scale != 1.0:
                 needed.update(_ADAPTER_UNCOND_ROWS)
@@ -297,8 +312,8 @@ class ScoreDistillation:
         tb = torch.full((lat.shape[0],), t, device=prior.device, dtype=torch.long)
         if self.adapters is not None:
             control = self.control_of(depth, z)
-            if control is not None:
-                control = control.repeat(sum(r[2] != BASE for r in rows.values()), 1, 1, 1)
+            adapter_rows = sum(r[2] != BASE for r in rows.values())
+            control = control.repeat(adapter_rows, 1, 1, 1) if control is not None and adapter_rows else None
             out = self.adapters.predict(lat, tb, text, routes, control)
         else:
             out = prior.unet(lat, tb, encoder_hidden_states=text, return_dict=False)[0]

@@ -69,12 +69,20 @@ class PivaNerfactoModelConfig(NerfactoModelConfig):
     which no colour-only edit can do (measured in the toy world, docs/toyworld.md)."""
     edit_grid_levels: Optional[int] = None
     """Hash-grid levels (coarsest first) of the field that the edit may change; the finer ones stay
-    as reconstructed. None: all. Score distillation's per-pixel noise lands in the fine levels as
-    speckle (docs/toyworld.md); shapes and additions live in the coarse ones. Needs the torch hash
-    grid (`implementation="torch"`)."""
+    as reconstructed. Score distillation's updates land in the hashed fine levels as speckle and haze,
+    on entries the object shares (docs/toyworld.md); shapes and additions live in the coarse ones.
+    None: for an edit that changes geometry, the levels whose table holds every vertex
+    ((res+1)^3 <= 2^log2_hashmap_size: 2 of the toy field's 8, 5 of nerfacto's 16), else all; with
+    tiny-cuda-nn (one opaque parameter buffer) all. A number needs the torch hash grid."""
     edit_grid_levels_until: Optional[int] = None
     """Edit step from which every level is editable again (coarse to fine: the shape settles in the
     coarse levels first, then the fine ones follow it). None: the fine levels stay frozen throughout."""
+
+
+def whole_levels(grid: torch.nn.Module) -> int:
+    """How many of a nerfstudio HashEncoding's levels (coarsest first) have a table that holds all their vertices."""
+    vertices = (grid.scalings.double() + 1) ** 3
+    return max(1, int((vertices <= grid.hash_table_size).sum()))
 
 
 def freeze_fine_levels(grid: Optional[torch.nn.Module], levels: int, active=lambda: True) -> None:
@@ -102,11 +110,15 @@ class PivaNerfactoModel(NerfactoModel):
             from nerfstudio.model_components.renderers import RGBRenderer
 
             self.renderer_rgb = RGBRenderer(background_color=torch.tensor(self.config.backdrop_rgb, dtype=torch.float32))
-        if self.config.edit_grid_levels is not None:
-            from nerfstudio.field_components.encodings import HashEncoding
+        from nerfstudio.field_components.encodings import HashEncoding
 
-            grid = next((m for m in self.field.mlp_base.modules() if isinstance(m, HashEncoding)), None)
-            freeze_fine_levels(grid, self.config.edit_grid_levels, active=lambda: not self.fine_levels_free)
+        grid = next((m for m in self.field.mlp_base.modules() if isinstance(m, HashEncoding)), None)
+        levels = self.config.edit_grid_levels
+        torch_grid = grid is not None and grid.tcnn_encoding is None
+        if levels is None and self.config.edit_geometry is True and torch_grid:
+            levels = whole_levels(grid)  # the rule, for geometry edits (the pipeline resolves edit_geometry)
+        if levels is not None:
+            freeze_fine_levels(grid, levels, active=lambda: not self.fine_levels_free)
 
     @property
     def fine_levels_free(self) -> bool:

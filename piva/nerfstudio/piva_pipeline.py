@@ -100,6 +100,16 @@ class PivaPipeline(VanillaPipeline):
             # The method's rule, so every front end gets it: a colour-only edit keeps the geometry.
             keep = is_colour_only_edit(config.guidance.source_prompt, config.guidance.target_prompt)
             config.model = dataclasses.replace(config.model, edit_geometry=not keep)
+        if config.guidance.target_only_steps is None:
+            # The method's rule: an edit that may change geometry first grows it with the target caption
+            # alone, until the timesteps anneal; a colour-only edit needs no new geometry. Measured on
+            # nerfacto fields only: splat edits keep 0 (10x splatfacto's opacity lr would be 0.5).
+            from piva.nerfstudio.splat_model import PivaSplatfactoModelConfig
+
+            grows = getattr(config.model, "edit_geometry", True) is not False and not isinstance(
+                config.model, PivaSplatfactoModelConfig)
+            config.guidance = dataclasses.replace(
+                config.guidance, target_only_steps=(config.guidance.anneal_step or 0) if grows else 0)
         super().__init__(config, device, test_mode=test_mode, **kwargs)
         self.guidance: Optional[ScoreDistillation] = None
         self.original_rgb: Optional[torch.Tensor] = None  # [N,H,W,3] uint8, CPU

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Type
+from typing import Tuple, Type
 
 import torch
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
@@ -17,6 +17,11 @@ from piva.nerfstudio.runs import latest_checkpoint
 @dataclass
 class PivaTrainerConfig(TrainerConfig):
     _target: Type = field(default_factory=lambda: PivaTrainer)
+    target_only_lr_groups: Tuple[str, ...] = ("fields", "proposal_networks")
+    """Optimizer groups stepped at `guidance.target_only_lr_scale` x their lr during the target-only steps: the
+    hash grids and proposal networks, where new geometry grows. The field's shared MLPs (`field_mlps`) keep
+    their lr: boosted too, they saturated the whole object's colour (toy red cube -> "a red sphere": judge
+    0 % with them, 100 % without, docs/toyworld.md)."""
 
 
 def _fail(message: str) -> None:
@@ -46,6 +51,38 @@ class PivaTrainer(Trainer):
         from nerfstudio.utils.writer import GLOBAL_BUFFER
 
         GLOBAL_BUFFER["max_iter"] = self._start_step + self.config.max_num_iterations
+
+    def train_iteration(self, step: int):
+        """One step; during the guidance's target-only steps the `target_only_lr_groups` step at
+        `target_only_lr_scale` x their lr (restored before the schedulers step, so schedules and checkpoints
+        see the plain lr)."""
+        guidance = self.pipeline.config.guidance
+        start = getattr(self.pipeline, "edit_start_step", None)
+        edit_step = step - (step if start is None else start)
+        scale = guidance.target_only_lr_scale if edit_step < (guidance.target_only_steps or 0) else 1.0
+        if scale == 1.0:
+            return super().train_iteration(step)
+        optimizers = self.optimizers
+        plain_step = optimizers.optimizer_scaler_step_some
+
+        boosted = set(self.config.target_only_lr_groups)
+
+        def scaled_step(grad_scaler, param_groups) -> None:
+            groups = [g for name in param_groups if name in boosted for g in optimizers.optimizers[name].param_groups]
+            lrs = [g["lr"] for g in groups]
+            for g in groups:
+                g["lr"] *= scale
+            try:
+                plain_step(grad_scaler, param_groups)
+            finally:
+                for g, lr in zip(groups, lrs):
+                    g["lr"] = lr
+
+        optimizers.optimizer_scaler_step_some = scaled_step
+        try:
+            return super().train_iteration(step)
+        finally:
+            del optimizers.optimizer_scaler_step_some
 
     def _load_checkpoint(self) -> None:
         """A nerfacto checkpoint starts an edit (its field only); a piva checkpoint resumes everything."""

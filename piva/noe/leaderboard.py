@@ -23,9 +23,16 @@ REPORTED = {  # PiVa paper, table 2 (Noe, threestudio, CLIP ViT-B/32, LPIPS Alex
 COLUMNS = [  # (key, header, higher is better)
     ("clip_score", "CLIP ↑", True), ("clip_direction", "CLIP dir ↑", True), ("clip_consistency", "consistency ↑", True),
     ("judge_score", "judge ↑", True), ("judge_direction", "judge dir ↑", True), ("judge_consistency", "judge cons ↑", True),
+    ("toy_judge_success_rate", "success ↑", True), ("toy_background_psnr_vs_original", "bg PSNR ↑", True),
+    ("toy_silhouette_iou_vs_source_geometry", "IoU src", True), ("toy_silhouette_iou_vs_target_geometry", "IoU tgt", True),
     ("lpips", "LPIPS ↓", False), ("psnr", "PSNR ↑", True), ("ssim", "SSIM ↑", True),
     ("wall_time_s", "time s", False), ("peak_mb", "peak MB", False),
 ]
+# Toy world only: success = share of views the judge captions as the target (among every toy caption);
+# bg PSNR = against the original outside the exact source and target silhouettes; IoU = silhouette vs the exact shapes.
+PAIRED = ("toy_background_psnr_vs_original", "psnr", "ssim", "toy_judge_success_rate", "judge_score", "clip_score", "lpips")
+SUCCESS = 0.7
+"""A toy edit counts as a success for the paired comparison when the judge names the target in this share of views."""
 
 
 def load_results(out: Path) -> list[dict]:
@@ -33,6 +40,7 @@ def load_results(out: Path) -> list[dict]:
     for path in sorted((Path(out) / "results").glob("*/*.json")):
         r = json.loads(path.read_text())
         flat = {k: v for k, v in r["metrics"].items() if isinstance(v, (int, float))}
+        flat.update({f"toy_{k}": v for k, v in (r["metrics"].get("toy") or {}).items() if isinstance(v, (int, float))})
         flat.update(wall_time_s=r["wall_time_s"],
                     peak_mb=r["peak_memory"].get("gpu_peak_mb", r["peak_memory"].get("process_peak_rss_mb")))
         rows.append({"method": r["method"], "type": r["edit"]["type"], "edit": r["edit"], "values": flat,
@@ -89,6 +97,7 @@ def markdown(rows: list[dict], manifest_name: str, reported: bool = False) -> st
               "|---|---|---|" + "---|" * len(cols)]
     for (method, kind), row in by_type.items():
         lines.append(f"| {method} | {kind} | {row['n']} | " + " | ".join(_fmt(row.get(c)) for c, _, _ in cols) + " |")
+    lines += _paired_lines(rows)
     recon = reconstructions(rows)
     if recon:
         lines += ["", "## Source scenes (no-edit): reconstruction vs the prepared views, held-out views", "",
@@ -97,6 +106,48 @@ def markdown(rows: list[dict], manifest_name: str, reported: bool = False) -> st
         lines += [f"| {o} | {r['views']} | {_fmt(r['psnr'])} | {_fmt(r['ssim'])} | {_fmt(r.get('lpips'))} |"
                   for o, r in recon.items()]
     return "\n".join(lines) + "\n"
+
+
+def paired(rows: list[dict], a: str = "piva", b: str = "dds", resamples: int = 2000) -> list[dict]:
+    """`a` minus `b` on the same edits (same seeds, cameras and noise), per figure: the mean difference and a
+    percentile-bootstrap 95 % interval over edits (None below 3 pairs); on all shared edits, and on those that
+    both methods got right (toy success >= SUCCESS), where preservation is compared at equal success."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    by = {(r["method"], r["edit"]["id"]): r["values"] for r in rows}
+    shared = sorted(e for m, e in by if m == a and (b, e) in by)
+    both_right = [e for e in shared if min(by[(a, e)].get("toy_judge_success_rate", -1),
+                                           by[(b, e)].get("toy_judge_success_rate", -1)) >= SUCCESS]
+    out = []
+    for subset, edits in (("all shared edits", shared), (f"both succeed (success >= {SUCCESS:.0%})", both_right)):
+        for key in PAIRED:
+            d = [by[(a, e)][key] - by[(b, e)][key] for e in edits if key in by[(a, e)] and key in by[(b, e)]]
+            d = [x for x in d if math.isfinite(x)]
+            if not d:
+                continue
+            lo = hi = None
+            if len(d) >= 3 and max(d) > min(d):
+                ci = bootstrap((np.array(d),), np.mean, confidence_level=0.95, n_resamples=resamples,
+                               method="percentile", random_state=0).confidence_interval
+                lo, hi = float(ci.low), float(ci.high)
+            out.append({"subset": subset, "figure": key, "n": len(d), "mean": statistics.fmean(d), "low": lo, "high": hi})
+    return out
+
+
+def _paired_lines(rows: list[dict]) -> list[str]:
+    pairs = paired(rows)
+    if not pairs:
+        return []
+    lines = ["", "## PiVa − DDS on the same edits (paired; 95 % bootstrap interval over edits)", "",
+             "| edits | figure | pairs | mean difference | 95 % interval |", "|---|---|---|---|---|"]
+    for p in pairs:
+        lines.append(f"| {p['subset']} | {p['figure']} | {p['n']} | {_fmt(p['mean'])} | {_interval(p)} |")
+    return lines
+
+
+def _interval(p: dict) -> str:
+    return "–" if p["low"] is None else f"[{_fmt(p['low'])}, {_fmt(p['high'])}]"
 
 
 def reconstructions(rows: list[dict]) -> dict:
@@ -160,6 +211,13 @@ def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], re
                             + "".join(f"<td>{_fmt(row.get(c))}</td>" for c, _, _ in cols) + "</tr>")
         return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
+    pairs = paired(rows)
+    paired_table = "" if not pairs else (
+        "<h2>PiVa − DDS on the same edits (paired; 95 % bootstrap interval over edits)</h2>"
+        "<table><tr><th>edits</th><th>figure</th><th>pairs</th><th>mean difference</th><th>95 % interval</th></tr>"
+        + "".join(f"<tr><td>{e(p['subset'])}</td><td>{e(p['figure'])}</td><td>{p['n']}</td><td>{_fmt(p['mean'])}</td>"
+                  f"<td>{_interval(p)}</td></tr>"
+                  for p in pairs) + "</table>")
     recon = reconstructions(rows)
     recon_table = "" if not recon else (
         "<h2>Source scenes (no-edit): reconstruction vs the prepared views, held-out views</h2>"
@@ -198,6 +256,7 @@ img.plot {{ max-width: 520px; }}
 <ul>{notes}</ul>
 <h2>Per method</h2>{table(by_method, ['method'], reported)}
 <h2>Per method and edit type</h2>{table(by_type, ['method', 'type'], False)}
+{paired_table}
 {recon_table}
 {img}
 <h2>Edits (top: original, bottom: edited)</h2>

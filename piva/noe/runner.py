@@ -7,7 +7,6 @@ interrupted edit resumes from its latest nerfstudio checkpoint.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -123,6 +122,8 @@ class EditOutcome:
     run: Optional[Path]
     reconstruction: Optional[tuple] = None
     """(source scene, ground truth) at held-out views, [N,3,H,W] each: what the no-edit baseline measures."""
+    camera_list: Optional[list] = None
+    """The evaluation cameras (piva.data.views.Camera), where the backend has them: exact toy figures need them."""
 
 
 class Backend(Protocol):
@@ -215,7 +216,7 @@ class NerfstudioBackend:
         original = self.original(obj, record, cams, setting, splats=splats)
         edited = original.clone() if run is None else self.render(run, edit["id"], cams)
         recon = self.reconstruction(obj, record) if method == "no-edit" else None
-        return EditOutcome(edited, original, unique, setting, wall, run, recon)
+        return EditOutcome(edited, original, unique, setting, wall, run, recon, camera_list=cams)
 
 
 class ThreestudioBackend:
@@ -300,6 +301,21 @@ def toy_vocabulary_problem(edit: dict) -> Optional[str]:
     return None
 
 
+def toy_figures(edit: dict, outcome: "EditOutcome") -> dict:
+    """The judge's success per view and preservation against the exact toy scenes, on the unique evaluation views."""
+    from piva.data.views import Camera
+    from piva.toyworld.evaluate import exact_edit_figures
+    from piva.toyworld.scenes import Scene
+
+    if not outcome.camera_list:  # threestudio renders its own test cameras: not computed there
+        return {}
+    keep = torch.as_tensor(outcome.unique, dtype=torch.bool)
+    cams = [c for c, k in zip(outcome.camera_list, keep.tolist()) if k]
+    figures = exact_edit_figures(outcome.edited[keep], outcome.original[keep], Scene.from_caption(edit["source_prompt"]),
+                                 Scene.from_caption(edit["target_prompt"]), cams)
+    return {k: v for k, v in figures.items() if isinstance(v, float)}
+
+
 def image_text_for(edit: dict, models: dict, preset: str) -> tuple[Optional[object], dict]:
     """The image-text model that may score this edit, and what is not computed (with why)."""
     image_text, unavailable = models.get("image_text"), dict(models.get("unavailable") or {})
@@ -320,6 +336,8 @@ def run_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict) 
     metrics = evaluate_views(outcome.edited, outcome.original, edit["source_prompt"], edit["target_prompt"],
                              outcome.unique, image_text=image_text, lpips=models.get("lpips"), unavailable=unavailable)
     metrics["cameras"] = outcome.cameras
+    if opts.preset == "toy" and image_text is not None:  # exact toy figures: success per view, what was kept
+        metrics["toy"] = toy_figures(edit, outcome)
     if outcome.reconstruction is not None:  # no-edit: how well the source scene matches the prepared views
         source, truth = outcome.reconstruction
         metrics["reconstruction"] = {**evaluate_views(source, truth, "", "", lpips=models.get("lpips")),
