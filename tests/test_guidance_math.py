@@ -280,10 +280,11 @@ def test_noise_draws_average_single_draws(prior, latents):
 
 
 def test_target_only_steps_score_sds_first_then_the_mode(prior, latents):
-    """A piva edit with target_only_steps=K: the hand SDS gradient at steps < K (no identity term), PiVa's from K."""
+    """A piva edit with target_only_steps=K: the hand SDS gradient (its own CFG, no identity term) at steps < K,
+    PiVa's from K."""
     z, noise, z_src = latents
     sd = ScoreDistillation(prior, GuidanceConfig(mode="piva", source_prompt=SRC, target_prompt=TGT, same_latent=False,
-                                                 target_only_steps=5))
+                                                 target_only_steps=5, target_only_guidance_scale=3.0))
     randomize_adapters(prior.unet, 1)
     randomize_adapters(prior.controlnet, 2)
     depth = torch.rand(2, 1, 32, 32) * 2 + 2
@@ -296,8 +297,8 @@ def test_target_only_steps_score_sds_first_then_the_mode(prior, latents):
     z_t, zs_t = (a.sqrt() * x + (1 - a).sqrt() * noise for x in (z, z_src))
     set_lora(prior, None)
     e_u, e_c = eps(prior, z_t, embed(prior, "", 2)), eps(prior, z_t, embed(prior, TGT, 2))
-    torch.testing.assert_close(grads[0], (1 - a) * (e_u + CFG * (e_c - e_u) - noise) / 2, rtol=1e-4, atol=2e-5)
-    dds = dds_by_hand(prior, z_t, zs_t)
+    torch.testing.assert_close(grads[0], (1 - a) * (e_u + 3.0 * (e_c - e_u) - noise) / 2, rtol=1e-4, atol=2e-5)
+    dds = dds_by_hand(prior, z_t, zs_t)  # the mode's own CFG (7.5) from step K
     control = inverse_depth_image(depth, (32, 32))
     set_lora(prior, "source")
     e_psi = eps(prior, z_t, embed(prior, SRC, 2), control)

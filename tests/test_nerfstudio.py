@@ -131,24 +131,22 @@ def test_edit_writes_adapters_and_resumes(scene, tiny_dir):
     assert "piva: error: this piva checkpoint was made on another scene" in res.stderr
 
 
-def test_target_only_steps_step_the_field_at_the_scaled_lr(scene, tiny_dir):
-    """Adam's first step moves each parameter by exactly its lr: 10x the grid's 1e-3 during a target-only step."""
+def test_target_only_steps_step_each_group_at_its_scaled_lr(scene, tiny_dir):
+    """Adam's first step moves each parameter by exactly its lr: the grid at 10x its 1e-3 during a target-only
+    step, the colour MLP at the scale given for its group, the plain lr once the steps are over."""
     nerfacto = torch.load(next(scene["nerfacto"].glob("*.ckpt")), map_location="cpu", weights_only=False)["pipeline"]
-    key = next(k for k in nerfacto if k.endswith("field.mlp_base.model.0.hash_table") and "proposal" not in k)
+    grid = next(k for k in nerfacto if k.endswith("field.mlp_base.model.0.hash_table") and "proposal" not in k)
     mlp = next(k for k in nerfacto if ".field.mlp_head." in k and "proposal" not in k)
-    moves = []
-    for scale in ("10", "1"):
+    for target_only, mlp_scale, expected in (("1", "2", (1e-2, 2e-3)), ("0", "2", (1e-3, 1e-3))):
         shutil.rmtree(scene["root"] / "edits", ignore_errors=True)
-        res = ns_train(scene, tiny_dir, "--pipeline.guidance.target-only-steps", "1",
-                       "--pipeline.guidance.target-only-lr-scale", scale, load_dir=scene["nerfacto"], steps=1,
+        res = ns_train(scene, tiny_dir, "--pipeline.guidance.target-only-steps", target_only,
+                       "--target-only-lr-scales.field-mlps", mlp_scale, load_dir=scene["nerfacto"], steps=1,
                        prompts=("a red cube", "a red cube on a white plate"))
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         state = torch.load(checkpoints(scene)[1][-1], map_location="cpu", weights_only=False)
-        moves.append((state["pipeline"][key] - nerfacto[key]).abs().max().item())
-        # the shared colour MLP is not boosted (target_only_lr_groups): its first step is its plain lr
-        assert (state["pipeline"][mlp] - nerfacto[mlp]).abs().max().item() == pytest.approx(1e-3, rel=1e-3)
+        moved = [(state["pipeline"][k] - nerfacto[k]).abs().max().item() for k in (grid, mlp)]
+        assert moved == pytest.approx(list(expected), rel=1e-3), (target_only, moved)
         assert state["optimizers"]["fields"]["param_groups"][0]["lr"] == 1e-3  # the plain lr is what is saved
-    assert moves[0] == pytest.approx(1e-2, rel=1e-3) and moves[1] == pytest.approx(1e-3, rel=1e-3)
 
 
 def test_missing_load_dir_fails_in_one_line(scene, tiny_dir):

@@ -41,6 +41,7 @@ def exact_edit_figures(edited: torch.Tensor, original: torch.Tensor, source: Sce
         # The same two measures on the original scene's renders: how far the edit moved.
         "judge_p_target_original": float(classify(model, tok, original, captions)[:, ti].mean()),
         "target_colour_fraction_original": float(object_hue_fraction(original, obj_t, target.color).mean()),
+        "silhouette_iou_vs_target_geometry_original": float(iou(silhouette(original), alpha_t).mean()),
         "object_rgb": _mean_rgb(edited, obj_t),
         "object_rgb_original": _mean_rgb(original, obj_t),
         "psnr_vs_original": psnr(edited, original),
