@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--objects", help="comma-separated object ids")
     p.add_argument("--types", help="comma-separated: texturing,addition,translation")
     p.add_argument("--limit", type=int, help="at most this many edits (after the filters)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each is its own run of every edit (e.g. 0,1)")
     p.add_argument("--preset", choices=list(PRESETS), help="sizes and devices (default: toy with --toy, else full)")
     p.add_argument("--edit-steps", type=int, help="override the preset's edit steps")
     p.add_argument("--source-steps", type=int, help="override the preset's source-scene steps")
@@ -67,6 +68,14 @@ def main(argv=None) -> int:
 
         check_backend(a.threestudio)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+    try:
+        seeds = sorted({int(x) for x in split(a.seeds) or ["0"]})
+    except ValueError:
+        print(f"piva: error: --seeds {a.seeds!r}: give whole numbers separated by commas, e.g. 0,1", file=sys.stderr)
+        return 2
+    if any(x < 0 for x in seeds):
+        print("piva: error: --seeds must be >= 0", file=sys.stderr)
+        return 2
     edits = select_edits(manifest, split(a.objects), split(a.types), a.limit)
     if not edits:
         print("piva: error: no edit matches --objects/--types", file=sys.stderr)
@@ -75,7 +84,7 @@ def main(argv=None) -> int:
                           objaverse_dir=a.objaverse_dir, download=not a.no_download, source_steps=a.source_steps)
     opts = RunOptions(out=out, methods=split(a.methods), preset=preset, edit_steps=a.edit_steps,
                       eval_views=a.eval_views, clip_model=a.clip_model, clip_weights=a.clip_weights, prepare=prep,
-                      backend=a.backend, threestudio_root=a.threestudio, reported=noe)
+                      backend=a.backend, threestudio_root=a.threestudio, reported=noe, seeds=seeds)
     try:
         summary = run_benchmark(manifest, edits, opts, ray_address=a.ray)
     except ValueError as exc:

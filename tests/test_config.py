@@ -6,7 +6,7 @@ import pytest
 
 from piva.cli import _IMAGE_GUIDANCE_SKIP, build_parser
 from piva.guidance import GuidanceConfig
-from piva.guidance.prompts import is_colour_only_edit
+from piva.guidance.prompts import adds_to_source, is_colour_only_edit
 from piva.image.edit import ImageEditConfig
 
 
@@ -25,6 +25,33 @@ from piva.image.edit import ImageEditConfig
 )
 def test_colour_only_rule(source, target, colour_only):
     assert is_colour_only_edit(source, target) is colour_only
+
+
+@pytest.mark.parametrize(
+    "source, target, adds",
+    [
+        ("a red cube", "a red cube on a white plate", True),
+        ("a blue cylinder", "a blue cylinder with a white stripe", True),
+        ("A round cake on a plate.", "a round cake with candles on a plate", True),  # words added in the middle
+        ("a red cube", "a red sphere", False),  # a shape word replaced
+        ("a red sphere on a white plate", "a red cylinder on a white plate", False),
+        ("a red cube", "a blue cube", False),
+        ("a cube on a plate", "a plate on a cube", False),  # same words, another order
+        ("a red cube", "a red cube", False),
+    ],
+)
+def test_addition_rule(source, target, adds):
+    assert adds_to_source(source, target) is adds
+
+
+def test_target_only_guidance_follows_the_rule_unless_set():
+    """None: 7.5 for an addition, 3 for anything else; a number is used as given."""
+    cfg = GuidanceConfig(source_prompt="a red cube", target_prompt="a red cube with a black hat")
+    assert cfg.target_only_guidance_scale is None and cfg.target_only_cfg == 7.5
+    assert dataclasses.replace(cfg, target_prompt="a red sphere").target_only_cfg == 3.0
+    assert dataclasses.replace(cfg, target_prompt="a red sphere", target_only_guidance_scale=5.0).target_only_cfg == 5.0
+    with pytest.raises(ValueError, match="guidance scales"):
+        dataclasses.replace(cfg, target_only_guidance_scale=0.5).validate()
 
 
 def test_edit_image_options_are_made_from_the_dataclasses():

@@ -281,10 +281,10 @@ def test_noise_draws_average_single_draws(prior, latents):
 
 def test_target_only_steps_score_sds_first_then_the_mode(prior, latents):
     """A piva edit with target_only_steps=K: the hand SDS gradient (its own CFG, no identity term) at steps < K,
-    PiVa's from K."""
+    PiVa's from K. SRC -> TGT replaces a word, so the rule's target-only CFG is 3."""
     z, noise, z_src = latents
     sd = ScoreDistillation(prior, GuidanceConfig(mode="piva", source_prompt=SRC, target_prompt=TGT, same_latent=False,
-                                                 target_only_steps=5, target_only_guidance_scale=3.0))
+                                                 target_only_steps=5))
     randomize_adapters(prior.unet, 1)
     randomize_adapters(prior.controlnet, 2)
     depth = torch.rand(2, 1, 32, 32) * 2 + 2

@@ -254,19 +254,20 @@ def test_lpips_loads_without_nerfstudio(tmp_path, weights):
 
 
 # ---------------------------------------------------------------------------- leaderboards
-def _fake_result(out: Path, method: str, edit_id: str, kind: str, clip: float, lpips: float, toy=None) -> None:
+def _fake_result(out: Path, method: str, edit_id: str, kind: str, clip: float, lpips: float, toy=None,
+                 seed: int = 0) -> None:
     """A stored result as run_one writes it (values chosen by hand, to check the aggregation)."""
-    from piva.noe.runner import save_thumbnail
+    from piva.noe.runner import result_path, save_thumbnail
 
     edit = {"id": edit_id, "object": "o", "source_prompt": "a red cube", "target_prompt": "a blue cube",
             "instruction": "x", "type": kind}
-    rec = {"edit": edit, "method": method, "preset": "toy", "metrics": {"clip_score": clip, "lpips": lpips, "psnr": 20.0,
+    rec = {"edit": edit, "method": method, "seed": seed, "preset": "toy", "metrics": {"clip_score": clip, "lpips": lpips, "psnr": 20.0,
            "models": {"clip": "test"}, **({"toy": toy} if toy else {})}, "wall_time_s": 1.0, "peak_memory": {"process_peak_rss_mb": 100.0},
-           "thumbnail": f"{edit_id}.png"}
-    d = out / "results" / method
-    d.mkdir(parents=True, exist_ok=True)
-    (d / f"{edit_id}.json").write_text(json.dumps(rec))
-    save_thumbnail(d / f"{edit_id}.png", torch.rand(5, 3, 8, 8), torch.rand(5, 3, 8, 8))
+           "thumbnail": result_path(out, method, edit_id, seed).with_suffix(".png").name}
+    path = result_path(out, method, edit_id, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rec))
+    save_thumbnail(path.with_suffix(".png"), torch.rand(5, 3, 8, 8), torch.rand(5, 3, 8, 8))
 
 
 def test_leaderboard_means_per_method_and_type(tmp_path):
@@ -346,12 +347,40 @@ def _run(out: Path, *extra: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def test_seeds_are_runs_of_their_own_and_pair_only_with_the_same_seed(tmp_path):
+    """Seed 0 keeps the plain file name; pending goes seed by seed, method by method; the paired table pairs
+    (edit, seed) with (edit, seed) and never one seed's result with another's."""
+    from piva.noe.leaderboard import load_results, paired
+    from piva.noe.runner import RunOptions, pending, result_path
+
+    assert result_path(tmp_path, "piva", "e1").name == "e1.json"
+    assert result_path(tmp_path, "piva", "e1", 2).name == "e1@seed2.json"
+    manifest = {"objects": [{"id": "o"}], "edits": [{"id": "e1", "object": "o"}, {"id": "e2", "object": "o"}]}
+    result_path(tmp_path, "dds", "e2", 1).parent.mkdir(parents=True)
+    result_path(tmp_path, "dds", "e2", 1).write_text("{}")  # stored: not pending
+    todo = pending(manifest, manifest["edits"], RunOptions(out=tmp_path, methods=("piva", "dds"), seeds=(0, 1)))
+    assert [(e["id"], m, s) for e, _, m, s in todo] == [
+        ("e1", "piva", 0), ("e2", "piva", 0), ("e1", "dds", 0), ("e2", "dds", 0), ("e1", "piva", 1), ("e2", "piva", 1),
+        ("e1", "dds", 1)]
+    for f in (tmp_path / "results").rglob("*.json"):
+        f.unlink()
+    bg = {("piva", 0): 31.0, ("dds", 0): 30.0, ("piva", 1): 33.0, ("dds", 1): 30.5, ("piva", 2): 40.0}
+    for (method, seed), value in bg.items():
+        for i in range(3):
+            _fake_result(tmp_path, method, f"e{i}", "addition", 0.3, 0.1, seed=seed,
+                         toy={"judge_success_rate": 0.9, "background_psnr_vs_original": value + i})
+    pairs = {(p["subset"][:4], p["figure"]): p for p in paired(load_results(tmp_path))}
+    everything = pairs[("all ", "toy_background_psnr_vs_original")]
+    assert everything["n"] == 6 and everything["mean"] == pytest.approx((1.0 + 2.5) / 2)  # seed 2 has no DDS
+
+
 @pytest.mark.slow
 def test_toy_benchmark_end_to_end_resumes_after_a_kill(tmp_path):
+    """Seed 1 (not the registered config's 42, nor the plain-named seed 0): its own result files and run."""
     out = tmp_path / "noe"
-    first = _run(out, "--methods", "no-edit,piva")
-    done_ref = out / "results" / "no-edit" / "toy-red-cube-texturing-0.json"
-    ckpts = out / "work" / "piva" / "toy-red-cube-texturing-0" / "piva-object" / "run" / "nerfstudio_models"
+    first = _run(out, "--methods", "no-edit,piva", "--seeds", "1")
+    done_ref = out / "results" / "no-edit" / "toy-red-cube-texturing-0@seed1.json"
+    ckpts = out / "work" / "piva" / "toy-red-cube-texturing-0@seed1" / "piva-object" / "run" / "nerfstudio_models"
     deadline = time.time() + 900
     while time.time() < deadline and first.poll() is None and not list(ckpts.glob("step-*.ckpt")):
         time.sleep(0.5)
@@ -364,13 +393,14 @@ def test_toy_benchmark_end_to_end_resumes_after_a_kill(tmp_path):
     source_mtime = source_ckpt.stat().st_mtime_ns
     assert not (out / "results" / "piva").exists() or not list((out / "results" / "piva").glob("*.json"))
 
-    second = _run(out, "--methods", "no-edit,piva")
+    second = _run(out, "--methods", "no-edit,piva", "--seeds", "1")
     log = second.communicate(timeout=900)[0]
     assert second.returncode == 0, log
     assert "1 of 2 edits already done" in log
     assert (done_ref.read_bytes(), done_ref.stat().st_mtime_ns) == kept  # not redone
     assert source_ckpt.stat().st_mtime_ns == source_mtime  # the source scene was not retrained
-    piva = json.loads((out / "results" / "piva" / "toy-red-cube-texturing-0.json").read_text())
+    piva = json.loads((out / "results" / "piva" / "toy-red-cube-texturing-0@seed1.json").read_text())
+    assert piva["seed"] == 1 and "seed: 1\n" in (ckpts.parent / "config.yml").read_text()
     steps = sorted(int(p.stem.split("-")[1]) for p in ckpts.glob("step-*.ckpt"))
     state = torch.load(ckpts / f"step-{steps[-1]:09d}.ckpt", map_location="cpu", weights_only=False)
     assert steps[-1] - state["pipeline"]["piva.meta"]["edit_start_step"] == 8 - 1  # 8 steps in all, none twice
@@ -429,6 +459,9 @@ def test_threestudio_backend_commands(tmp_path, monkeypatch):
     assert cmd[-1] == f"resume={trial / 'ckpts' / 'last.ckpt'}"  # a stopped edit resumes
     cmd, _ = backend.edit_command(tmp_path, "piva", tmp_path / "src.ckpt", edit, tmp_path / "out")
     assert "custom/threestudio-piva/configs/piva-noe.yaml" in cmd and not any("mode=" in c for c in cmd)
+    assert not any(c.startswith("seed=") for c in cmd)  # seed 0: the configs' own
+    cmd, seeded_trial = backend.edit_command(tmp_path, "piva", tmp_path / "src.ckpt", edit, tmp_path / "out", seed=2)
+    assert "seed=2" in cmd and seeded_trial.name == "cake-translation-0-piva-seed2" and f"tag={seeded_trial.name}" in cmd
 
 
 @pytest.mark.parametrize("method", ["piva", "dds", "sds"])

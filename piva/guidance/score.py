@@ -9,11 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from piva.guidance.adapters import BASE, SOURCE, TARGET, DualAdapters, depth_to_control
+from piva.guidance.prompts import adds_to_source
 from piva.guidance.schedule import AnnealedTimesteps, sds_weight
 from piva.prior.loading import DiffusionPrior
 
 Mode = Literal["piva", "dds", "sds"]
 MODES = ("piva", "dds", "sds")
+
+# Target-only CFG by rule (GuidanceConfig.target_only_guidance_scale): additions need a strong caption to
+# grow new parts; a shape change at that strength saturates the object's colour (docs/toyworld.md).
+ADDITION_CFG, RESHAPE_CFG = 7.5, 3.0
 
 _EDITED, _ORIGINAL = "edited", "original"  # which noisy latent a row of the UNet batch reads
 
@@ -89,11 +94,12 @@ class GuidanceConfig:
     not (a plate under a cube, docs/toyworld.md); the mode's score then restores what must stay.
     None: the front end's rule (nerfstudio, nerfacto fields: `anneal_step` for edits that change
     geometry, 0 for colour-only ones); 0 elsewhere (images, splats, threestudio: not measured)."""
-    target_only_guidance_scale: float = 7.5
-    """Classifier-free guidance of the target-only steps. Toy world (docs/toyworld.md, session 8): 7.5 grows
-    additions (a plate: 92-100 % of views) but saturates a reshaped object's colour (a cube turned "a red
-    sphere" of the right shape, judged "with a white stripe"); 3 keeps the colour (sphere: 100 %) but grows
-    the plate only in 42 % of views. Lower it for shape changes."""
+    target_only_guidance_scale: Optional[float] = None
+    """Classifier-free guidance of the target-only steps. None: the rule, by what the prompts say
+    (`piva.guidance.prompts.adds_to_source`): 7.5 when the target only adds words to the source (an
+    addition: "... on a white plate"), 3 otherwise (a shape change: "a red cube" -> "a red sphere").
+    Toy world (docs/toyworld.md, sessions 8-9): 7.5 grows a plate in 92-100 % of views but saturates a
+    reshaped object's colour (sphere: 0 %); 3 keeps it (sphere: 100 %) but grows the plate in 42 %."""
     pixel_gradient: Literal["encoder", "decoded"] = "encoder"
     """How the latent gradient reaches an RGB input: "encoder" (the paper: through the VAE encoder's
     Jacobian) or "decoded" (the latent step decoded by the VAE, D(z) - D(z - grad)). A small VAE's
@@ -106,7 +112,7 @@ class GuidanceConfig:
             raise ValueError("the target prompt is empty: describe the result you want, e.g. 'a blue cube'")
         if self.mode != "sds" and not self.source_prompt.strip():
             raise ValueError(f"{self.mode} needs a source prompt describing the original, e.g. 'a red cube'")
-        if self.guidance_scale < 1 or self.adapter_guidance_scale < 1 or self.target_only_guidance_scale < 1:
+        if min(self.guidance_scale, self.adapter_guidance_scale, self.target_only_cfg) < 1:
             raise ValueError("guidance scales must be >= 1")
         if self.adapter_rank < 1 or self.adapter_lr <= 0:
             raise ValueError("adapter_rank must be >= 1 and adapter_lr > 0")
@@ -118,6 +124,13 @@ class GuidanceConfig:
             raise ValueError("adapter_update_every must be >= 1 (1: update the adapters at every step)")
         if self.pixel_gradient not in ("encoder", "decoded"):
             raise ValueError(f"pixel_gradient {self.pixel_gradient!r}: choose 'encoder' (paper) or 'decoded'")
+
+    @property
+    def target_only_cfg(self) -> float:
+        """`target_only_guidance_scale`, or the rule's choice when it is None."""
+        if self.target_only_guidance_scale is not None:
+            return self.target_only_guidance_scale
+        return ADDITION_CFG if adds_to_source(self.source_prompt, self.target_prompt) else RESHAPE_CFG
 
     @property
     def uses_same_latent(self) -> bool:
@@ -262,7 +275,7 @@ class ScoreDistillation:
             depth = depth.repeat(draws, 1, 1, 1) if depth.dim() == 4 else depth.repeat(draws, 1, 1)
         eps = self._predict(self._rows(noisy, variant, with_identity), t, depth, zd)
 
-        score = _DELTA[variant](eps, cfg.target_only_guidance_scale if target_only else cfg.guidance_scale, noise.float())
+        score = _DELTA[variant](eps, cfg.target_only_cfg if target_only else cfg.guidance_scale, noise.float())
         diagnostics = {"t": t, "delta_norm": score.norm().item()}
         if with_identity:
             reg = self._identity(eps)
@@ -314,9 +327,9 @@ class ScoreDistillation:
         routes = [r[2] for r in rows.values() for _ in range(b)]
         tb = torch.full((lat.shape[0],), t, device=prior.device, dtype=torch.long)
         if self.adapters is not None:
-            control = self.control_of(depth, z)
-            adapter_rows = sum(r[2] != BASE for r in rows.values())
-            control = control.repeat(adapter_rows, 1, 1, 1) if control is not None and adapter_rows else None
+            adapter_rows = sum(r[2] != BASE for r in rows.values())  # 0 on target-only (SDS) steps
+            control = self.control_of(depth, z) if adapter_rows else None
+            control = control.repeat(adapter_rows, 1, 1, 1) if control is not None else None
             out = self.adapters.predict(lat, tb, text, routes, control)
         else:
             out = prior.unet(lat, tb, encoder_hidden_states=text, return_dict=False)[0]
@@ -372,4 +385,5 @@ class ScoreDistillation:
         )
 
     def settings(self) -> dict:
-        return {**asdict(self.config), "same_latent_resolved": self.config.uses_same_latent, "model": self.prior.name}
+        return {**asdict(self.config), "same_latent_resolved": self.config.uses_same_latent,
+                "target_only_guidance_scale_resolved": self.config.target_only_cfg, "model": self.prior.name}

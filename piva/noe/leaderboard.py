@@ -43,7 +43,8 @@ def load_results(out: Path) -> list[dict]:
         flat.update({f"toy_{k}": v for k, v in (r["metrics"].get("toy") or {}).items() if isinstance(v, (int, float))})
         flat.update(wall_time_s=r["wall_time_s"],
                     peak_mb=r["peak_memory"].get("gpu_peak_mb", r["peak_memory"].get("process_peak_rss_mb")))
-        rows.append({"method": r["method"], "type": r["edit"]["type"], "edit": r["edit"], "values": flat,
+        rows.append({"method": r["method"], "seed": r.get("seed", 0), "type": r["edit"]["type"], "edit": r["edit"],
+                     "values": flat,
                      "thumbnail": f"results/{r['method']}/{r['thumbnail']}", "models": r["metrics"].get("models", {}),
                      "unavailable": r["metrics"].get("unavailable", {}), "preset": r.get("preset"),
                      "reconstruction": r["metrics"].get("reconstruction")})
@@ -115,7 +116,7 @@ def paired(rows: list[dict], a: str = "piva", b: str = "dds", resamples: int = 2
     import numpy as np
     from scipy.stats import bootstrap
 
-    by = {(r["method"], r["edit"]["id"]): r["values"] for r in rows}
+    by = {(r["method"], (r["edit"]["id"], r.get("seed", 0))): r["values"] for r in rows}  # an edit: (id, seed)
     shared = sorted(e for m, e in by if m == a and (b, e) in by)
     both_right = [e for e in shared if min(by[(a, e)].get("toy_judge_success_rate", -1),
                                            by[(b, e)].get("toy_judge_success_rate", -1)) >= SUCCESS]
@@ -225,12 +226,13 @@ def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], re
         + "".join(f"<tr><td>{e(o)}</td><td>{r['views']}</td><td>{_fmt(r['psnr'])}</td><td>{_fmt(r['ssim'])}</td>"
                   f"<td>{_fmt(r.get('lpips'))}</td></tr>" for o, r in recon.items()) + "</table>")
     cards = []
-    for r in sorted(rows, key=lambda r: (r["edit"]["id"], r["method"])):
+    for r in sorted(rows, key=lambda r: (r["edit"]["id"], r.get("seed", 0), r["method"])):
         v = r["values"]
         score = v.get("clip_score", v.get("judge_score"))
+        seed = f", seed {r['seed']}" if r.get("seed") else ""
         cards.append(
             f"<figure><img src='{e(r['thumbnail'])}' alt='{e(r['edit']['id'])} {e(r['method'])}'>"
-            f"<figcaption><b>{e(r['method'])}</b> · {e(r['edit']['id'])} ({e(r['type'])})<br>"
+            f"<figcaption><b>{e(r['method'])}</b> · {e(r['edit']['id'])} ({e(r['type'])}){seed}<br>"
             f"{e(r['edit']['source_prompt'])} → {e(r['edit']['target_prompt'])}<br>"
             f"score {_fmt(score)} · PSNR {_fmt(v.get('psnr'))} · LPIPS {_fmt(v.get('lpips'))}</figcaption></figure>"
         )

@@ -44,6 +44,9 @@ class RunOptions:
     prepare: PrepareOptions = field(default=None)  # type: ignore[assignment]
     backend: str = "nerfstudio"
     threestudio_root: Optional[Path] = None
+    seeds: Sequence[int] = (0,)
+    """Each seed is its own run of every (method, edit): the scene's and the guidance's random draws. Methods
+    run on the same seeds share cameras and noise schedule draws, which is what the paired tables compare."""
     reported: bool = False
     """Show the paper's reported Noe rows beside ours (the Noe manifest only: other manifests are not comparable)."""
 
@@ -65,8 +68,13 @@ def select_edits(manifest: dict, objects=None, types=None, limit: Optional[int] 
     return edits[:limit] if limit else edits
 
 
-def result_path(out: Path, method: str, edit_id: str) -> Path:
-    return Path(out) / "results" / method / f"{edit_id}.json"
+def result_path(out: Path, method: str, edit_id: str, seed: int = 0) -> Path:
+    """Seed 0 keeps the plain name, so results stored before seeds existed stay where they were."""
+    return Path(out) / "results" / method / f"{seeded(edit_id, seed)}.json"
+
+
+def seeded(name: str, seed: int) -> str:
+    return name if seed == 0 else f"{name}@seed{seed}"
 
 
 # ---------------------------------------------------------------------------- memory
@@ -129,7 +137,7 @@ class EditOutcome:
 class Backend(Protocol):
     """Prepares an object, edits it with a method and renders the evaluation cameras (nerfstudio, threestudio)."""
 
-    def edit(self, edit: dict, obj: dict, method: str) -> EditOutcome: ...
+    def edit(self, edit: dict, obj: dict, method: str, seed: int = 0) -> EditOutcome: ...
 
 
 def diffusion_models(opts: RunOptions) -> tuple[Optional[str], Optional[str]]:
@@ -192,7 +200,7 @@ class NerfstudioBackend:
                              [views.cameras[i] for i in keep])
         return source, truth
 
-    def edit(self, edit: dict, obj: dict, method: str) -> EditOutcome:
+    def edit(self, edit: dict, obj: dict, method: str, seed: int = 0) -> EditOutcome:
         from piva.nerfstudio import runs
 
         opts = self.opts
@@ -209,7 +217,8 @@ class NerfstudioBackend:
                 Path(opts.out) / "work" / method, edit["source_prompt"], edit["target_prompt"],
                 opts.sizes.run.with_edit_steps(opts.edit_steps), diffusion_model=model, controlnet_model=controlnet,
             )
-            cfg.experiment_name = edit["id"]
+            cfg.experiment_name = seeded(edit["id"], seed)
+            cfg.machine.seed = seed
             run = runs.edit(cfg)
         wall = time.perf_counter() - t0
         cams, unique, setting = self.cameras(Path(record["data"]))
@@ -245,7 +254,7 @@ class ThreestudioBackend:
             background=object_scene(obj, data).backdrop, capture=capture if follows else None,
             model=model, controlnet=controlnet)
 
-    def edit(self, edit: dict, obj: dict, method: str) -> EditOutcome:
+    def edit(self, edit: dict, obj: dict, method: str, seed: int = 0) -> EditOutcome:
         from piva.data.cameras import noe_cameras
         from piva.threestudio import backend
 
@@ -268,7 +277,7 @@ class ThreestudioBackend:
         t0 = time.perf_counter()
         cmd, edit_trial = backend.edit_command(root, method, backend.latest_checkpoint(trial), edit, work,
                                                None if opts.preset != "full" else opts.edit_steps,
-                                               eval_orbit=orbit, settings=settings)
+                                               eval_orbit=orbit, settings=settings, seed=seed)
         backend.run(cmd, root)
         wall = time.perf_counter() - t0
         edited, original = backend.test_renders(edit_trial)
@@ -301,7 +310,7 @@ def toy_vocabulary_problem(edit: dict) -> Optional[str]:
     return None
 
 
-def toy_figures(edit: dict, outcome: "EditOutcome") -> dict:
+def toy_figures(edit: dict, outcome: "EditOutcome", judge: Optional[tuple] = None) -> dict:
     """The judge's success per view and preservation against the exact toy scenes, on the unique evaluation views."""
     from piva.data.views import Camera
     from piva.toyworld.evaluate import exact_edit_figures
@@ -312,7 +321,7 @@ def toy_figures(edit: dict, outcome: "EditOutcome") -> dict:
     keep = torch.as_tensor(outcome.unique, dtype=torch.bool)
     cams = [c for c, k in zip(outcome.camera_list, keep.tolist()) if k]
     figures = exact_edit_figures(outcome.edited[keep], outcome.original[keep], Scene.from_caption(edit["source_prompt"]),
-                                 Scene.from_caption(edit["target_prompt"]), cams)
+                                 Scene.from_caption(edit["target_prompt"]), cams, judge=judge)
     return {k: v for k, v in figures.items() if isinstance(v, float)}
 
 
@@ -326,27 +335,27 @@ def image_text_for(edit: dict, models: dict, preset: str) -> tuple[Optional[obje
     return image_text, unavailable
 
 
-def run_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict) -> dict:
-    """Prepare (if needed), edit, evaluate and store one (method, edit); returns the stored record."""
+def run_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict, seed: int = 0) -> dict:
+    """Prepare (if needed), edit, evaluate and store one (method, edit, seed); returns the stored record."""
     from piva.metrics.evaluate import evaluate_views
 
-    outcome = BACKENDS[opts.backend](opts).edit(edit, obj, method)
+    outcome = BACKENDS[opts.backend](opts).edit(edit, obj, method, seed)
     memory = _peak_memory_mb(opts.device)  # this process only; threestudio's own peak is in its logs
     image_text, unavailable = image_text_for(edit, models, opts.preset)
     metrics = evaluate_views(outcome.edited, outcome.original, edit["source_prompt"], edit["target_prompt"],
                              outcome.unique, image_text=image_text, lpips=models.get("lpips"), unavailable=unavailable)
     metrics["cameras"] = outcome.cameras
     if opts.preset == "toy" and image_text is not None:  # exact toy figures: success per view, what was kept
-        metrics["toy"] = toy_figures(edit, outcome)
+        metrics["toy"] = toy_figures(edit, outcome, models.get("toy_judge"))
     if outcome.reconstruction is not None:  # no-edit: how well the source scene matches the prepared views
         source, truth = outcome.reconstruction
         metrics["reconstruction"] = {**evaluate_views(source, truth, "", "", lpips=models.get("lpips")),
                                      "held_out": "test (or val) split, not used to train the source scene"}
-    thumb = result_path(opts.out, method, edit["id"]).with_suffix(".png")
+    thumb = result_path(opts.out, method, edit["id"], seed).with_suffix(".png")
     save_thumbnail(thumb, outcome.original, outcome.edited)
     device = opts.device
     result = {
-        "edit": edit, "method": method, "preset": opts.preset, "backend": opts.backend,
+        "edit": edit, "method": method, "seed": seed, "preset": opts.preset, "backend": opts.backend,
         "registered_method": REGISTERED_METHODS.get(method) if opts.backend == "nerfstudio" else None,
         "edit_steps": 0 if method == "no-edit" else opts.steps,
         "metrics": metrics, "wall_time_s": round(outcome.wall_time_s, 1), "peak_memory": memory,
@@ -354,7 +363,7 @@ def run_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict) 
         "machine": {"device": device, "torch": torch.__version__, "platform": platform.platform(),
                     "gpu": torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None},
     }
-    atomic_write_json(result_path(opts.out, method, edit["id"]), result)
+    atomic_write_json(result_path(opts.out, method, edit["id"], seed), result)
     return result
 
 
@@ -365,9 +374,10 @@ def load_models(opts: RunOptions) -> dict:
 
     models: dict = {"unavailable": {}}
     if opts.preset == "toy":
-        from piva.toyworld.judge import load_toy_judge
+        from piva.toyworld.judge import create_judge, load_toy_judge
 
-        models["image_text"] = load_toy_judge()
+        models["toy_judge"] = create_judge()  # loaded once: the evaluator's interface and the exact figures
+        models["image_text"] = load_toy_judge(models["toy_judge"])
         models["unavailable"]["clip"] = "toy world: the toy judge stands in for CLIP (figures labelled judge_*)"
     else:
         try:
@@ -383,10 +393,12 @@ def load_models(opts: RunOptions) -> dict:
     return models
 
 
-def pending(manifest: dict, edits: list[dict], opts: RunOptions) -> list[tuple[dict, dict, str]]:
+def pending(manifest: dict, edits: list[dict], opts: RunOptions) -> list[tuple[dict, dict, str, int]]:
+    """(edit, object, method, seed) not stored yet: seed-major, then method-major, so a stopped run
+    leaves whole seeds of whole methods to compare."""
     objects = {o["id"]: o for o in manifest["objects"]}
-    return [(e, objects[e["object"]], m) for m in opts.methods for e in edits
-            if not result_path(opts.out, m, e["id"]).is_file()]
+    return [(e, objects[e["object"]], m, s) for s in opts.seeds for m in opts.methods for e in edits
+            if not result_path(opts.out, m, e["id"], s).is_file()]
 
 
 def run_benchmark(manifest: dict, edits: list[dict], opts: RunOptions, ray_address: Optional[str] = None) -> dict:
@@ -397,7 +409,7 @@ def run_benchmark(manifest: dict, edits: list[dict], opts: RunOptions, ray_addre
     if bad:
         raise ValueError(f"unknown method(s) {bad}: choose from {', '.join(METHODS + SPLAT_METHODS)}")
     todo = pending(manifest, edits, opts)
-    total = len(edits) * len(opts.methods)
+    total = len(edits) * len(opts.methods) * len(opts.seeds)
     if opts.preset == "toy":
         objects = {o["id"]: o for o in manifest["objects"]}
         foreign = sorted({e["object"] for e in edits if objects[e["object"]]["source"] != "toyworld"})
@@ -411,15 +423,16 @@ def run_benchmark(manifest: dict, edits: list[dict], opts: RunOptions, ray_addre
         failed = _run_with_ray(todo, opts, ray_address)
     else:
         models = load_models(opts) if todo else {}
-        for i, (edit, obj, method) in enumerate(todo, 1):
-            print(f"[noe] ({i}/{len(todo)}) {method} :: {edit['id']}: '{edit['source_prompt']}' -> '{edit['target_prompt']}'")
+        for i, (edit, obj, method, seed) in enumerate(todo, 1):
+            print(f"[noe] ({i}/{len(todo)}) {method} :: {seeded(edit['id'], seed)}: "
+                  f"'{edit['source_prompt']}' -> '{edit['target_prompt']}'")
             try:
-                r = run_one(edit, obj, method, opts, models)
+                r = run_one(edit, obj, method, opts, models, seed)
                 m = r["metrics"]
                 print(f"[noe]   done in {r['wall_time_s']} s: " + ", ".join(
                     f"{k} {m[k]:.4g}" for k in ("clip_score", "judge_score", "lpips", "psnr") if k in m))
             except NotAvailable as exc:
-                failed[f"{method}/{edit['id']}"] = str(exc)
+                failed[f"{method}/{seeded(edit['id'], seed)}"] = str(exc)
                 print(f"[noe]   skipped: {exc}")
     pages = write_leaderboards(opts.out, manifest_name=manifest.get("name", "noe"), reported=opts.reported)
     print(f"[noe] leaderboards: {pages['markdown']} and {pages['html']}")
@@ -436,14 +449,14 @@ def _run_with_ray(todo, opts: RunOptions, address: str) -> dict:
     gpus = 1 if opts.device.startswith("cuda") else 0
 
     @ray.remote(num_gpus=gpus)
-    def task(edit, obj, method):
+    def task(edit, obj, method, seed):
         try:
-            return None, run_one(edit, obj, method, opts, load_models(opts))["edit"]["id"]
+            return None, run_one(edit, obj, method, opts, load_models(opts), seed)["edit"]["id"]
         except NotAvailable as exc:
-            return f"{method}/{edit['id']}", str(exc)
+            return f"{method}/{seeded(edit['id'], seed)}", str(exc)
 
     failed = {}
-    for key, value in ray.get([task.remote(e, o, m) for e, o, m in todo]):
+    for key, value in ray.get([task.remote(e, o, m, s) for e, o, m, s in todo]):
         if key is not None:
             failed[key] = value
     return failed

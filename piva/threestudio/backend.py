@@ -135,25 +135,28 @@ def source_command(root: Path, data: Path, out: Path, object_id: str,
 
 
 def edit_command(root: Path, method: str, source_ckpt: Path, edit: dict, out: Path, steps: Optional[int] = None,
-                 eval_orbit: Optional[dict] = None, settings: LaunchSettings = LaunchSettings()):
+                 eval_orbit: Optional[dict] = None, settings: LaunchSettings = LaunchSettings(), seed: int = 0):
     """Command that edits (then renders the test cameras); returns it and the trial folder.
 
     `eval_orbit` ({"elevation", "distance", "fov_y"}) replaces the config's Noe evaluation orbit,
     so that an object is evaluated as it was captured (benchmark presets, a user's objects)."""
     name = "piva-noe" if method == "piva" else "dds-noe"
     source_ckpt, out = Path(source_ckpt).resolve(), Path(out).resolve()  # launch.py runs in the threestudio checkout
-    trial = out / name / f"{edit['id']}-{method}"
+    tag = f"{edit['id']}-{method}" + (f"-seed{seed}" if seed else "")
+    trial = out / name / tag
     overrides = {
         "system.geometry_convert_from": str(source_ckpt),
         "system.guidance.source_prompt": _quote(edit["source_prompt"]),
         "system.guidance.target_prompt": _quote(edit["target_prompt"]),
-        "tag": f"{edit['id']}-{method}",
+        "tag": tag,
         **settings.edit_overrides(),
     }
     if method == "sds":
         # SDS shares the DDS config; its guidance returns loss_sds, which the system weights by lambda_sds.
         overrides["system.guidance.mode"] = "sds"
         overrides["system.loss.lambda_sds"] = "1."
+    if seed:  # the configs' own seed is 0
+        overrides["seed"] = str(seed)
     if steps:
         overrides["trainer.max_steps"] = str(steps)
     if eval_orbit:

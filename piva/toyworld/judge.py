@@ -53,9 +53,11 @@ def create_judge(pretrained: Optional[Union[str, Path]] = None):
     return model, preprocess, open_clip.get_tokenizer(JUDGE_NAME)
 
 
-def load_toy_judge() -> ImageTextModel:
-    """The judge behind the evaluator's CLIP interface, labelled so no figure passes for CLIP's."""
-    judge, _, tok = create_judge()
+def load_toy_judge(created: Optional[tuple] = None) -> ImageTextModel:
+    """The judge behind the evaluator's CLIP interface, labelled so no figure passes for CLIP's.
+
+    `created`: what `create_judge()` returned, to share one loaded judge with the exact figures."""
+    judge, _, tok = created if created is not None else create_judge()
 
     @torch.no_grad()
     def images(rgb: torch.Tensor) -> torch.Tensor:
