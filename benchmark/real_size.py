@@ -12,11 +12,18 @@ method is taken from the registered nerfstudio configs (render size, dtype, scor
 settings); where nerfstudio is not installed, `--cases FILE` gives the same table,
 written on a machine that has it with `--write-cases FILE`.
 With random weights the numbers that come out of the model mean nothing; cost does.
+
+Without a GPU, `--device meta` estimates the same table from shapes alone, in about a minute
+a method on a CPU: FLOPs exactly (the same counter), peak memory as weights plus the most
+bytes of tensor storage alive at once (`LiveBytes`), with attention as the GPU runs it (flash:
+no attention matrix kept for backward). Checked against the H200 measurements in
+docs/performance.md, and on CPU against the allocator's own count (tests/test_real_size.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import platform
@@ -24,6 +31,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from piva.guidance import GuidanceConfig, ScoreDistillation
 
@@ -43,6 +53,61 @@ def registered_cases(names: list[str]) -> list[dict]:
                           diffusion_dtype=p.diffusion_dtype, diffusion_model=p.diffusion_model,
                           controlnet_model=p.controlnet_model))
     return cases
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage alive at once while the block runs, on any device, meta included.
+
+    Every storage an op returns is counted until its last reference goes (a weak reference to the
+    storage, checked after each op). On the meta device a value read back (`.item()`, `bool()`)
+    has no data: `all(...)` reads True and `any(...)` False, so input checks pass as on good
+    input, and other scalars read 0.5."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.now = self.peak = 0
+        self._answers: dict[int, bool] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
+            if args[0].dtype == torch.bool:
+                return self._answers.get(id(args[0]), True)
+            return 0.5 if args[0].dtype.is_floating_point else 1
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and out.is_meta and func.overloadpacket in (torch.ops.aten.all, torch.ops.aten.any):
+            self._answers[id(out)] = func.overloadpacket is torch.ops.aten.all
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                known = self.live.get(storage._cdata)
+                if known is None or known[0].expired():  # new, or a freed storage's address used again
+                    self.now += storage.nbytes() - (known[1] if known else 0)
+                    self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+        if self.now > self.peak:  # `now` still counts freed storages: only a possible new peak needs the exact sum
+            for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+                self.now -= self.live.pop(key)[1]
+            self.peak = max(self.peak, self.now)
+        return out
+
+
+@contextlib.contextmanager
+def flash_attention_on_meta():
+    """Attention on meta tensors as a GPU runs it (flash: output and log-sum-exp kept, no L x L matrix);
+    the meta device's own choice, the math path, would keep every attention matrix for backward."""
+    sdpa = F.scaled_dot_product_attention
+
+    def flash(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        if q.is_meta and attn_mask is None:
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, is_causal, False, scale=scale)[0]
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+
+    F.scaled_dot_product_attention = flash
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = sdpa
 
 
 def load_prior(case: dict, args: argparse.Namespace, device: torch.device, dtype: str):
@@ -88,6 +153,8 @@ def measure(case: dict, args: argparse.Namespace, device: torch.device) -> dict:
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     dtype = args.dtype or case["diffusion_dtype"]  # None: the library's default for the device
+    if device.type == "meta":
+        return estimate(case, args, dtype or "bfloat16")
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -132,6 +199,59 @@ def measure(case: dict, args: argparse.Namespace, device: torch.device) -> dict:
     return row
 
 
+def resident_bytes(sd: ScoreDistillation) -> int:
+    """Weights of every model plus the adapters' optimizer state: what stays allocated between steps."""
+    total = sum(p.numel() * p.element_size() for m in sd.prior.modules() for p in m.parameters())
+    if sd.adapters is not None:
+        total += sum(v.numel() * v.element_size() for state in sd.adapters.optimizer.state.values()
+                     for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return total
+
+
+def estimate(case: dict, args: argparse.Namespace, dtype: str) -> dict:
+    """`measure`'s row from shapes alone (the meta device): FLOPs counted, peak memory estimated."""
+    if args.model is not None:
+        raise SystemExit("real_size: error: --device meta estimates from the shipped configs; leave --model out")
+    prior = load_prior(case, args, torch.device("meta"), dtype)
+    g = dict(case["guidance"], source_prompt=SOURCE, target_prompt=TARGET)
+    sd = ScoreDistillation(prior, GuidanceConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()}))
+    size = args.size or case["render_short_side"]
+    resident, peak, flops = estimate_step(sd, *inputs(size, torch.device("cpu"), args.seed, args.views))
+    return {
+        "method": case["method"], "mode": case["guidance"]["mode"],
+        "same_latent": GuidanceConfig(mode=case["guidance"]["mode"], same_latent=case["guidance"]["same_latent"]).uses_same_latent,
+        "views": args.views, "render": size, "dtype": str(prior.dtype).replace("torch.", ""), "estimated": True,
+        "step_s": None, "tflop_per_step": round(flops / 1e12, 3),
+        "weights_gib": round(resident / 2**30, 2), "peak_gib": round(peak / 2**30, 2),
+    }
+
+
+def estimate_step(sd: ScoreDistillation, rgb: torch.Tensor, src: torch.Tensor, depth: torch.Tensor) -> tuple[int, int, int]:
+    """(resident bytes, peak bytes, FLOPs) of one step, with everything moved to the meta device first."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = torch.device("meta")
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)  # the adapters' optimizer keeps its parameters
+    try:
+        sd.prior.to(meta)  # peft leaves new LoRA weights on the CPU beside a meta base layer: all of it moves
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    if sd.adapters is not None:  # state from steps already taken moves with its parameters (Adam's step count stays)
+        for state in sd.adapters.optimizer.state.values():
+            state.update({k: v.to(meta) for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0})
+    sd.uncond_text, sd.source_text, sd.target_text = (x.to(meta) for x in (sd.uncond_text, sd.source_text, sd.target_text))
+    rgb, src, depth = (x.to(meta) for x in (rgb, src, depth))
+    with flash_attention_on_meta():
+        with LiveBytes():
+            one_step(sd, rgb, src, depth, 0, lambda: None)  # warm-up: the adapters' optimizer state exists after it
+        resident = resident_bytes(sd)
+        live, counter = LiveBytes(), FlopCounterMode(display=False)
+        with counter, live:
+            one_step(sd, rgb, src, depth, 1, lambda: None)
+    return resident, resident + live.peak, counter.get_total_flops()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=["piva", "piva-small", "piva-dds", "piva-sds"])
@@ -145,7 +265,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda: measure; meta: estimate FLOPs and peak memory from shapes, no GPU needed")
     p.add_argument("--cases", type=Path, help="method table written by --write-cases (machines without nerfstudio)")
     p.add_argument("--write-cases", type=Path)
     p.add_argument("--out", type=Path, default=Path("real_size.json"))
@@ -173,13 +294,16 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     base = next((r for r in rows if r["method"] == BASELINE), None)
     for r in rows:
-        r["x_dds_step"] = round(r["step_s"] / base["step_s"], 2) if base else None
-    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        r["x_dds_step"] = round(r["step_s"] / base["step_s"], 2) if base and r["step_s"] else None
+        r["x_dds_flop"] = round(r["tflop_per_step"] / base["tflop_per_step"], 2) if base else None
+    info = {"device": {"cuda": lambda: torch.cuda.get_device_name(), "meta": lambda: "meta (estimate from shapes)"}.get(
+                device.type, lambda: platform.processor() or "cpu")(),
             "torch": torch.__version__, "weights": a.model or "random (shipped configs)", "rows": rows}
     a.out.write_text(json.dumps(info, indent=1))
     print(f"{'method':34s} {'render':>6s} {'dtype':>9s} {'s/step':>7s} {'x dds':>6s} {'TFLOP':>7s} {'peak GiB':>8s}")
     for r in rows:
-        print(f"{r['method']:34s} {r['render']:6d} {r['dtype']:>9s} {r['step_s']:7.3f} {r['x_dds_step'] or 0:6.2f} "
+        step = f"{r['step_s']:7.3f}" if r["step_s"] else f"{'-':>7s}"
+        print(f"{r['method']:34s} {r['render']:6d} {r['dtype']:>9s} {step} {r['x_dds_step'] or 0:6.2f} "
               f"{r['tflop_per_step']:7.2f} {r['peak_gib']:8.2f}")
 
 
