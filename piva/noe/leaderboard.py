@@ -110,7 +110,7 @@ def markdown(rows: list[dict], manifest_name: str, reported: bool = False) -> st
 
 
 def paired(rows: list[dict], a: str = "piva", b: str = "dds", resamples: int = 2000) -> list[dict]:
-    """`a` minus `b` on the same edits (same seeds, cameras and noise), per figure: the mean difference and a
+    """`a` minus `b` on the same edits (same seed and cameras), per figure: the mean difference and a
     percentile-bootstrap 95 % interval over edits (None below 3 pairs); on all shared edits, and on those that
     both methods got right (toy success >= SUCCESS), where preservation is compared at equal success."""
     import numpy as np

@@ -46,7 +46,8 @@ class RunOptions:
     threestudio_root: Optional[Path] = None
     seeds: Sequence[int] = (0,)
     """Each seed is its own run of every (method, edit): the scene's and the guidance's random draws. Methods
-    run on the same seeds share cameras and noise schedule draws, which is what the paired tables compare."""
+    on the same seed start from the same random state and are judged at the same cameras; the paired tables
+    compare them seed by seed."""
     reported: bool = False
     """Show the paper's reported Noe rows beside ours (the Noe manifest only: other manifests are not comparable)."""
 
