@@ -139,6 +139,7 @@ def one_step(sd: ScoreDistillation, rgb: torch.Tensor, src: torch.Tensor, depth:
     t0 = time.perf_counter()
     out = sd.step(x, depth=depth, source_rgb=src, step=i, generator=g)
     (grad,) = torch.autograd.grad(out.loss, x)
+    del out  # as the pipeline does: the score's graph goes before the update
     sync()
     t1 = time.perf_counter()
     losses = sd.update_adapters(x.detach(), depth=depth, source_rgb=src, source_depth=depth, generator=g)
@@ -247,8 +248,10 @@ def estimate_step(sd: ScoreDistillation, rgb: torch.Tensor, src: torch.Tensor, d
             one_step(sd, rgb, src, depth, 0, lambda: None)  # warm-up: the adapters' optimizer state exists after it
         resident = resident_bytes(sd)
         live, counter = LiveBytes(), FlopCounterMode(display=False)
-        with counter, live:
+        with live:  # alone: the FLOP counter's module tracking keeps a checkpointed block's recomputed tensors alive
             one_step(sd, rgb, src, depth, 1, lambda: None)
+        with counter, LiveBytes():  # LiveBytes answers the input checks' `.item()` on meta
+            one_step(sd, rgb, src, depth, 2, lambda: None)
     return resident, resident + live.peak, counter.get_total_flops()
 
 
@@ -256,7 +259,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=["piva", "piva-small", "piva-dds", "piva-sds"])
     p.add_argument("--variants", nargs="*", default=["piva-dds:same_latent=True"],
-                   help="METHOD:FIELD=VALUE rows beside the registered ones (e.g. DDS on the shared z_t)")
+                   help="METHOD:FIELD=VALUE[,FIELD=VALUE] rows beside the registered ones (e.g. DDS on the shared z_t)")
     p.add_argument("--model", help="real weights (hub id or folder); default: random weights, shipped configs")
     p.add_argument("--controlnet", help="real depth ControlNet for --model")
     p.add_argument("--size", type=int, help="render short side for every method (default: the method's)")
@@ -275,14 +278,16 @@ def main() -> None:
 
     cases = json.loads(a.cases.read_text()) if a.cases else registered_cases(sorted(set(a.methods + [v.split(":")[0] for v in a.variants])))
     for v in a.variants:
-        name, _, assign = v.partition(":")
-        key, _, value = assign.partition("=")
+        name, _, assigns = v.partition(":")
         base = next(c for c in cases if c["method"] == name)
-        try:
-            value = json.loads(value.lower())
-        except json.JSONDecodeError:
-            pass  # a bare string
-        cases.append(dict(base, method=v, guidance=dict(base["guidance"], **{key: value})))
+        changes = {}
+        for assign in assigns.split(","):
+            key, _, value = assign.partition("=")
+            try:
+                changes[key] = json.loads(value.lower())
+            except json.JSONDecodeError:
+                changes[key] = value  # a bare string
+        cases.append(dict(base, method=v, guidance=dict(base["guidance"], **changes)))
     if a.write_cases:
         a.write_cases.write_text(json.dumps([c for c in cases if ":" not in c["method"]], indent=1))
         return

@@ -84,7 +84,7 @@ def doctor(method: str = "piva", model: str = DEFAULT_MODEL, controlnet: str = D
                      f"{row['step_s']:.2f} s/step there)")
         if dev["kind"] == "cuda" and dev["free_gib"] < need:
             problems.append(f"{method} needs about {need:.1f} GiB; {dev['free_gib']:.1f} GiB are free "
-                            "(try piva-small, or adapter_checkpointing)")
+                            "(try piva-small, or adapter_checkpointing and encoder_checkpointing: 4.2 GiB for piva)")
     if dev["kind"] != "cuda":
         lines.append("note        no GPU: real-size edits take minutes per step on a CPU; the toy world (piva demo) runs here")
     wanted = [("base model", model, False)] + ([("ControlNet", controlnet, True)] if NEEDS_CONTROLNET[method] else [])

@@ -105,6 +105,34 @@ def test_adapter_update_is_the_same_with_gradient_checkpointing(tiny_dir):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_memory_savers_leave_the_step_unchanged(tiny_dir):
+    """Encoder checkpointing and attention slicing change memory, not the pixels' gradient or the adapters' step."""
+    rgb, depth = renders(8)
+    original, odepth = renders(9)
+    result = {}
+    for name, kw in {"plain": {}, "encoder": dict(encoder_checkpointing=True),
+                     "slicing": dict(attention_slicing=True)}.items():
+        prior = DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu")
+        torch.manual_seed(0)
+        sd = make(prior, **kw)
+        with torch.no_grad():
+            for p in sd.adapters.parameters[SOURCE] + sd.adapters.parameters[TARGET]:
+                p.add_(0.01)
+        x = rgb.clone().requires_grad_(True)
+        out = sd.step(x, depth=depth, source_rgb=original, step=0, generator=torch.Generator().manual_seed(3))
+        (grad,) = torch.autograd.grad(out.loss, x)
+        losses = sd.update_adapters(rgb, depth=depth, source_rgb=original, source_depth=odepth,
+                                    generator=torch.Generator().manual_seed(5))
+        result[name] = (grad, losses, adapter_params(sd, SOURCE) + adapter_params(sd, TARGET))
+    assert result["encoder"][0] is not None and result["plain"][0].abs().sum() > 0
+    (g1, l1, p1), *others = result.values()
+    for g2, l2, p2 in others:
+        assert (g1 - g2).norm() < 1e-4 * g1.norm()  # sliced attention sums in another order: float noise only
+        assert l1 == pytest.approx(l2, rel=1e-5)
+        for a, b in zip(p1, p2):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_adapters_update_every_kth_call(prior):
     sd = make(prior, adapter_update_every=3)
     rgb, depth = renders(0)

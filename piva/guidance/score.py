@@ -87,6 +87,13 @@ class GuidanceConfig:
     (score + update/k) and lets the target adapter lag the edit further behind."""
     adapter_checkpointing: bool = False
     """Gradient checkpointing in the adapters' update: less activation memory for about a third more update compute."""
+    encoder_checkpointing: bool = False
+    """Gradient checkpointing in the VAE encoder, whose backward carries the score to the render's pixels: less
+    activation memory for one more encoder forward (docs/performance.md)."""
+    attention_slicing: bool = False
+    """Attention computed in slices (diffusers' `set_attention_slice("auto")`) in the UNet and ControlNet: for
+    GPUs or PyTorch builds without fused attention. With PyTorch's fused attention it saves nothing and costs
+    time (docs/performance.md)."""
     target_only_steps: Optional[int] = None
     """Edit steps, from the first, scored by the target caption alone (SDS, no identity term) before the
     mode's own score takes over (the nerfstudio trainer steps the scene at a higher lr meanwhile:
@@ -172,6 +179,12 @@ class ScoreDistillation:
                 checkpointing=config.adapter_checkpointing,
             )
         self._update_calls = 0
+        if config.encoder_checkpointing:  # acts only where gradients are recorded: the edited view's encoding
+            prior.vae.enable_gradient_checkpointing()
+        if config.attention_slicing:
+            for model in (prior.unet, prior.controlnet):
+                if model is not None:
+                    model.set_attention_slice("auto")
 
     # -- inputs -----------------------------------------------------------------
     def check_rgb(self, rgb: torch.Tensor, what: str = "render") -> torch.Tensor:

@@ -263,12 +263,14 @@ class PivaPipeline(VanillaPipeline):
 
         out = self.guidance.step(x_in, depth=depth, source_rgb=src_rgb, step=edit_step, generator=g)
         (grad_image,) = torch.autograd.grad(out.loss, x)
+        diagnostics = out.diagnostics
+        del out  # the score's graph goes before the adapters' update
         for k, cam in enumerate(cams):
             self._render(cam, grad_rgb=grad_image[k].permute(1, 2, 0).contiguous(), seed=step + k * 1_000_003)
         adapter_losses = self.guidance.update_adapters(
             x_in.detach(), depth=depth, source_rgb=src_rgb, source_depth=src_depth, generator=g
         )
-        self.last_diagnostics = {**out.diagnostics, **adapter_losses, "edit_step": edit_step, "camera": indices[0]}
+        self.last_diagnostics = {**diagnostics, **adapter_losses, "edit_step": edit_step, "camera": indices[0]}
         for k, v in self.last_diagnostics.items():
             metrics_dict[f"piva/{k}"] = float(v)
         if not loss_dict:  # the trainer backpropagates a sum of losses; ours already happened
