@@ -416,6 +416,7 @@ def test_toy_benchmark_end_to_end_resumes_after_a_kill(tmp_path):
     toy = noedit["toy"]
     assert toy["judge_source_rate"] >= 0.5 and toy["judge_success_rate"] < 0.2, toy
     assert toy["silhouette_iou_vs_source_geometry"] > 0.2 and toy["background_psnr_vs_original"] > 60, toy
+    assert toy["silhouette_iou_vs_original"] == pytest.approx(1.0)  # the unedited scene against itself
     assert set(m["toy"]) >= {"judge_success_rate", "background_psnr_vs_original", "silhouette_iou_vs_target_geometry"}
     # no-edit measures the source scene against the toy world's exact renders of held-out views:
     # 150 nerfacto steps give a rough but recognisable cube (well above a flat grey image's PSNR)

@@ -202,3 +202,19 @@ def test_demo_shape_change_moves_the_silhouette_towards_the_target(tmp_path):
     assert result["edit_geometry"] is True
     assert m["silhouette_iou_vs_target_geometry"] > m["silhouette_iou_vs_target_geometry_original"] + 0.15, m
     assert m["judge_p_target"] > m["judge_p_target_original"], m
+
+
+def test_silhouette_iou_against_the_original_scene_counts_what_the_edit_changed():
+    """The exact renders of a cube and a sphere: the figure equals a hand count of pixels covered in either
+    image but not both (alpha masks), and an unchanged scene scores 1."""
+    from piva.toyworld.evaluate import exact_edit_figures
+
+    cams = toy_orbit(3, size=48)
+    cube, sphere = Scene.from_caption("a red cube"), Scene.from_caption("a red sphere")
+    rgb = lambda s: torch.from_numpy(np.stack([render(s, c)["rgb"] for c in cams])).permute(0, 3, 1, 2).float()  # noqa: E731
+    alpha = [np.stack([render(s, c)["alpha"] for c in cams]) > 0.5 for s in (cube, sphere)]
+    by_hand = np.mean([(a & b).sum() / (a | b).sum() for a, b in zip(*alpha)])
+    moved = exact_edit_figures(rgb(sphere), rgb(cube), cube, sphere, cams)
+    assert 0.5 < by_hand < 0.95 and moved["silhouette_iou_vs_original"] == pytest.approx(by_hand, abs=0.03)
+    kept = exact_edit_figures(rgb(cube), rgb(cube), cube, Scene.from_caption("a blue cube"), cams)
+    assert kept["silhouette_iou_vs_original"] == 1.0

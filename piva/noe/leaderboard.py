@@ -25,11 +25,13 @@ COLUMNS = [  # (key, header, higher is better)
     ("judge_score", "judge ↑", True), ("judge_direction", "judge dir ↑", True), ("judge_consistency", "judge cons ↑", True),
     ("toy_judge_success_rate", "success ↑", True), ("toy_background_psnr_vs_original", "bg PSNR ↑", True),
     ("toy_silhouette_iou_vs_source_geometry", "IoU src", True), ("toy_silhouette_iou_vs_target_geometry", "IoU tgt", True),
+    ("toy_silhouette_iou_vs_original", "IoU orig", True),
     ("lpips", "LPIPS ↓", False), ("psnr", "PSNR ↑", True), ("ssim", "SSIM ↑", True),
     ("wall_time_s", "time s", False), ("peak_mb", "peak MB", False),
 ]
 # Toy world only: success = share of views the judge captions as the target (among every toy caption);
-# bg PSNR = against the original outside the exact source and target silhouettes; IoU = silhouette vs the exact shapes.
+# bg PSNR = against the original outside the exact source and target silhouettes; IoU src/tgt = silhouette vs the
+# exact shapes; IoU orig = vs the original scene's own silhouette (what the edit changed).
 PAIRED = ("toy_background_psnr_vs_original", "psnr", "ssim", "toy_judge_success_rate", "judge_score", "clip_score", "lpips")
 SUCCESS = 0.7
 """A toy edit counts as a success for the paired comparison when the judge names the target in this share of views."""

@@ -38,6 +38,8 @@ def exact_edit_figures(edited: torch.Tensor, original: torch.Tensor, source: Sce
         "target_colour_fraction": float(object_hue_fraction(edited, obj_t, target.color).mean()),
         "silhouette_iou_vs_target_geometry": float(iou(silhouette(edited), alpha_t).mean()),
         "silhouette_iou_vs_source_geometry": float(iou(silhouette(edited), alpha_s).mean()),
+        # Against the original scene's own silhouette: what the edit changed, not what the reconstruction missed.
+        "silhouette_iou_vs_original": float(iou(silhouette(edited), silhouette(original)).mean()),
         # The same two measures on the original scene's renders: how far the edit moved.
         "judge_p_target_original": float(classify(model, tok, original, captions)[:, ti].mean()),
         "target_colour_fraction_original": float(object_hue_fraction(original, obj_t, target.color).mean()),
