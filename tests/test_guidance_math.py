@@ -105,6 +105,29 @@ def test_sds_gradient_v_prediction(tiny_v_dir, latents):
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=2e-5)
 
 
+def test_the_models_own_guidance_scale_is_used_unless_the_method_sets_one(tiny_dir, tmp_path, latents):
+    """A model folder's piva.json sets the CFG of a method that sets none (the toy prior ships 3); the SDS
+    gradient then matches the hand formula at that scale, and an explicit guidance_scale wins."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "piva.json").write_text('{"guidance_scale": 3.0}')
+    prior = DiffusionPrior.from_pretrained(folder, device="cpu")
+    assert prior.guidance_scale == 3.0 and DiffusionPrior.from_pretrained(tiny_dir, device="cpu").guidance_scale == 7.5
+    z, noise, _ = latents
+    a = alphas_bar()[T]
+    z_t = a.sqrt() * z + (1 - a).sqrt() * noise
+    e_u, e_c = eps(prior, z_t, embed(prior, "", 2)), eps(prior, z_t, embed(prior, TGT, 2))
+    for given, scale in ((None, 3.0), (CFG, CFG)):
+        sd, grad, _ = run_step(prior, "sds", z, noise, guidance_scale=given)
+        assert sd.settings()["guidance_scale_resolved"] == scale
+        torch.testing.assert_close(grad, (1 - a) * (e_u + scale * (e_c - e_u) - noise) / 2, rtol=1e-4, atol=2e-5)
+    (folder / "piva.json").write_text('{"guidance": 3}')
+    with pytest.raises(ValueError, match="piva.json: expected"):
+        DiffusionPrior.from_pretrained(folder, device="cpu")
+
+
 def dds_by_hand(prior, z_t, zs_t):
     u, ct, cs = embed(prior, "", 2), embed(prior, TGT, 2), embed(prior, SRC, 2)
     e_tgt = eps(prior, z_t, u) + CFG * (eps(prior, z_t, ct) - eps(prior, z_t, u))

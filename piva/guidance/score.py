@@ -59,8 +59,11 @@ class GuidanceConfig:
     """Describes the original scene/image (DDS and PiVa)."""
     target_prompt: str = ""
     """Describes the wanted result."""
-    guidance_scale: float = 7.5
-    """Classifier-free guidance of the frozen base model."""
+    guidance_scale: Optional[float] = None
+    """Classifier-free guidance of the frozen base model. None: the model's own recommendation
+    (`DiffusionPrior.guidance_scale`: a `piva.json` in its folder), else the paper's 7.5. The toy prior
+    recommends 3: at 7.5 a colour edit saturates (blue -> "a red cylinder": flat RGB 0.99/0.10/0.10, judge
+    0 %; at 3: 0.53/0.10/0.10, 100 %) and shape changes and additions do as well or better (docs/toyworld.md)."""
     adapter_guidance_scale: float = 1.0
     """Classifier-free guidance of the source/target adapters (1.0: conditional only, as in the paper)."""
     identity_weight: float = 0.4
@@ -119,7 +122,8 @@ class GuidanceConfig:
             raise ValueError("the target prompt is empty: describe the result you want, e.g. 'a blue cube'")
         if self.mode != "sds" and not self.source_prompt.strip():
             raise ValueError(f"{self.mode} needs a source prompt describing the original, e.g. 'a red cube'")
-        if min(self.guidance_scale, self.adapter_guidance_scale, self.target_only_cfg) < 1:
+        scales = (self.guidance_scale, self.adapter_guidance_scale, self.target_only_cfg)
+        if min(x for x in scales if x is not None) < 1:
             raise ValueError("guidance scales must be >= 1")
         if self.adapter_rank < 1 or self.adapter_lr <= 0:
             raise ValueError("adapter_rank must be >= 1 and adapter_lr > 0")
@@ -179,6 +183,7 @@ class ScoreDistillation:
                 checkpointing=config.adapter_checkpointing,
             )
         self._update_calls = 0
+        self.guidance_scale = config.guidance_scale if config.guidance_scale is not None else prior.guidance_scale
         if config.encoder_checkpointing:  # acts only where gradients are recorded: the edited view's encoding
             prior.vae.enable_gradient_checkpointing()
         if config.attention_slicing:
@@ -288,7 +293,7 @@ class ScoreDistillation:
             depth = depth.repeat(draws, 1, 1, 1) if depth.dim() == 4 else depth.repeat(draws, 1, 1)
         eps = self._predict(self._rows(noisy, variant, with_identity), t, depth, zd)
 
-        score = _DELTA[variant](eps, cfg.target_only_cfg if target_only else cfg.guidance_scale, noise.float())
+        score = _DELTA[variant](eps, cfg.target_only_cfg if target_only else self.guidance_scale, noise.float())
         diagnostics = {"t": t, "delta_norm": score.norm().item()}
         if with_identity:
             reg = self._identity(eps)
@@ -399,4 +404,5 @@ class ScoreDistillation:
 
     def settings(self) -> dict:
         return {**asdict(self.config), "same_latent_resolved": self.config.uses_same_latent,
-                "target_only_guidance_scale_resolved": self.config.target_only_cfg, "model": self.prior.name}
+                "target_only_guidance_scale_resolved": self.config.target_only_cfg,
+                "guidance_scale_resolved": self.guidance_scale, "model": self.prior.name}

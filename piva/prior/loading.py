@@ -6,6 +6,7 @@ priors used by tests and the toy world: only the folder differs.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -127,6 +128,24 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) ->
     return DTYPES[dtype]
 
 
+PAPER_GUIDANCE_SCALE = 7.5
+"""The paper's classifier-free guidance of Stable Diffusion 2.1-base."""
+
+
+def recommended_guidance_scale(root: Union[str, os.PathLike]) -> float:
+    """`guidance_scale` from the model folder's `piva.json` (the model's own recommendation), else the paper's."""
+    path = Path(root) / "piva.json"
+    if not path.is_file():
+        return PAPER_GUIDANCE_SCALE
+    try:
+        value = float(json.loads(path.read_text())["guidance_scale"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f'{path}: expected {{"guidance_scale": <number>}} ({exc!r}): fix or delete the file') from None
+    if value < 1:
+        raise ValueError(f"{path}: guidance_scale {value} must be >= 1")
+    return value
+
+
 @dataclass
 class DiffusionPrior:
     """The frozen base model (UNet, VAE, text encoder) plus an optional depth ControlNet."""
@@ -139,6 +158,9 @@ class DiffusionPrior:
     controlnet: Optional[torch.nn.Module] = None
     name: str = ""
     controlnet_name: str = ""
+    guidance_scale: float = 7.5
+    """The classifier-free guidance this model is scored with when the method sets none: `guidance_scale` in a
+    `piva.json` beside the model's model_index.json (`recommended_guidance_scale`), else the paper's 7.5."""
     _prompt_cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -173,7 +195,8 @@ class DiffusionPrior:
         scheduler = DDPMScheduler.from_pretrained(root / "scheduler")
         control = ControlNetModel.from_pretrained(control_root, torch_dtype=dtype) if control_root else None
 
-        prior = cls(unet, vae, text_encoder, tokenizer, scheduler, control, str(model), str(controlnet or ""))
+        prior = cls(unet, vae, text_encoder, tokenizer, scheduler, control, str(model), str(controlnet or ""),
+                    guidance_scale=recommended_guidance_scale(root))
         if control is not None:
             prior.check_controlnet()
         return prior.to(device).freeze()
