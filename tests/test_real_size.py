@@ -69,3 +69,26 @@ def test_meta_estimate_of_a_piva_step_matches_the_allocators_peak_on_cpu(tiny_di
     weights = sum(p.numel() * p.element_size() for m in sd.prior.modules() for p in m.parameters())
     assert resident >= weights and flops > 0
     assert peak - resident == pytest.approx(measured.peak, rel=0.05)  # from shapes alone (0.1 % measured)
+
+
+def test_gpu_check_times_the_2d_edit_from_the_editors_own_record(tiny_dir, tmp_path, monkeypatch):
+    """`benchmark/gpu_check.py` (2D part, CPU, tiny model): one row per method, timed from the steps after the
+    warm-up in the editor's run.json (read here independently), next to the method's budget."""
+    import json
+
+    import gpu_check
+
+    out = tmp_path / "check.json"
+    monkeypatch.setattr(sys, "argv", [
+        "gpu_check.py", "--model", str(tiny_dir), "--controlnet", str(tiny_dir / "controlnet"), "--methods", "piva-dds",
+        "piva", "--size", "32", "--steps", "2", "--warmup", "1", "--skip-3d", "--device", "cpu",
+        "--work", str(tmp_path / "work"), "--out", str(out)])
+    gpu_check.main()
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"piva", "piva-dds"}
+    for method, row in rows.items():
+        history = json.loads((tmp_path / "work" / f"2d-{method}" / "run.json").read_text())["history"]
+        assert len(history) == 3 and row["finite"] and row["render"] == 32 and row["dtype"] == "float32"
+        assert row["step_s"] == pytest.approx((history[2]["elapsed_s"] - history[0]["elapsed_s"]) / 2, abs=1e-3)
+        assert row["step_s"] > 0 and row["budget"]["peak_gib"] > 0
+    assert json.loads((tmp_path / "work" / "2d-piva" / "run.json").read_text())["guidance"]["mode"] == "piva"

@@ -112,6 +112,7 @@ def edit_image(
             opt.step()
             sched.step()
             entry.update(sd.update_adapters(latents=z.detach(), source_latents=z_src, generator=generator))
+            entry["elapsed_s"] = round(time.perf_counter() - start, 4)  # the step's end (diagnostics synchronise)
             history.append(entry)
             record["steps_done"] = i + 1
             bar.set_postfix(t=o.t, grad=f"{o.diagnostics['grad_norm']:.3f}")
