@@ -158,7 +158,7 @@ class DiffusionPrior:
     controlnet: Optional[torch.nn.Module] = None
     name: str = ""
     controlnet_name: str = ""
-    guidance_scale: float = 7.5
+    guidance_scale: float = PAPER_GUIDANCE_SCALE
     """The classifier-free guidance this model is scored with when the method sets none: `guidance_scale` in a
     `piva.json` beside the model's model_index.json (`recommended_guidance_scale`), else the paper's 7.5."""
     _prompt_cache: dict = field(default_factory=dict, repr=False)
