@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_size import registered_cases  # noqa: E402
+from real_size import inputs, registered_cases  # noqa: E402
 
 from piva.doctor import budget_row  # noqa: E402
 from piva.guidance import GuidanceConfig  # noqa: E402
@@ -34,13 +34,6 @@ from piva.prior import DEFAULT_CONTROLNET, DEFAULT_MODEL, DiffusionPrior  # noqa
 
 SOURCE, TARGET = "a round cake on a plate", "a square cake on a plate"
 METHODS = ["piva", "piva-small", "piva-dds"]
-
-
-def synthetic_image(size: int, seed: int = 0) -> torch.Tensor:
-    """[1,3,size,size] in [0,1]: smooth colour blobs, enough for the encoder to see an image."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(1, 3, 6, 6, generator=g)
-    return torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic").clamp(0, 1)
 
 
 def reset_peak(device: torch.device) -> None:
@@ -74,7 +67,7 @@ def check_2d(args: argparse.Namespace, case: dict, device: torch.device, out: Pa
     guidance = GuidanceConfig(**{**case["guidance"], "source_prompt": SOURCE, "target_prompt": TARGET,
                                  "t_range": tuple(case["guidance"]["t_range"]),
                                  "annealed_range": tuple(case["guidance"]["annealed_range"])})
-    image = args.image if args.image else synthetic_image(size)
+    image = args.image if args.image else inputs(size, torch.device("cpu"), 0)[0][:1]  # real_size's smooth view
     steps = args.warmup + args.steps
     record = edit_image(image, prior, guidance, out / f"2d-{case['method']}", ImageEditConfig(steps=steps, resolution=size),
                         progress=False)
