@@ -50,30 +50,49 @@ def depth_to_control(depth: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return norm.repeat(1, 3, 1, 1)
 
 
+class _Routes:
+    """Adapter names for the rows of the next call, read by one hook on every LoRA layer of a model.
+
+    The hooks stay installed (they pass nothing while `names` is None), so torch.compile sees the same
+    modules on every call and specialises on the routes alone instead of recompiling per call.
+    """
+
+    def __init__(self) -> None:
+        self.names: Optional[list[str]] = None
+
+    def __call__(self, module, args, kwargs):
+        if self.names is not None:
+            kwargs["adapter_names"] = self.names
+        return args, kwargs
+
+
+def _routes_of(model: torch.nn.Module) -> _Routes:
+    from peft.tuners.lora import LoraLayer
+
+    routes = getattr(model, "_piva_routes", None)
+    if routes is None:
+        routes = _Routes()
+        for m in model.modules():
+            if isinstance(m, LoraLayer):
+                m.register_forward_pre_hook(routes, with_kwargs=True)
+        model._piva_routes = routes
+    return routes
+
+
 @contextlib.contextmanager
 def route_adapters(model: torch.nn.Module, adapter_names: Sequence[str]) -> Iterator[None]:
     """Send sample i of every LoRA layer's input through adapter `adapter_names[i]`.
 
     peft does this for a PeftModel (`adapter_names=`), but diffusers models do not
     pass that argument down and peft's wrapper refuses it while training; peft's
-    LoRA layers themselves accept it, so this hands it to each of them.
+    LoRA layers themselves accept it, so a hook hands it to each of them.
     """
-    from peft.tuners.lora import LoraLayer
-
-    names = list(adapter_names)
-
-    def hook(module, args, kwargs):
-        kwargs["adapter_names"] = names
-        return args, kwargs
-
-    handles = [
-        m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules() if isinstance(m, LoraLayer)
-    ]
+    routes = _routes_of(model)
+    previous, routes.names = routes.names, list(adapter_names)
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        routes.names = previous
 
 
 class DualAdapters:
@@ -109,6 +128,7 @@ class DualAdapters:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=".*multiple adapters.*")
                     inject_adapter_in_model(config, model, adapter_name=name)
+            _routes_of(model)  # hooks in place before anything compiles the model
         self.checkpointing = checkpointing
         if checkpointing:  # acts only where gradients are recorded: the update, never the no-grad score
             for model in self.models.values():
