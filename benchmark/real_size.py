@@ -177,7 +177,6 @@ def measure(case: dict, args: argparse.Namespace, device: torch.device) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     with FlopCounterMode(display=False) as counter:
         one_step(sd, rgb, src, depth, 10_000, sync)
-    flops = counter.get_total_flops()
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -195,7 +194,7 @@ def measure(case: dict, args: argparse.Namespace, device: torch.device) -> dict:
         "views": args.views, "render": size, "dtype": str(prior.dtype).replace("torch.", ""), "build_s": round(build_s, 2), "warmup_s": round(warmup_s, 1),
         "step_s": round(mean("score_s") + mean("adapters_s"), 4), "score_s": round(mean("score_s"), 4),
         "adapters_s": round(mean("adapters_s"), 4),
-        "tflop_per_step": round(flops / 1e12, 3) if flops is not None else None,
+        "tflop_per_step": round(counter.get_total_flops() / 1e12, 3),
         "weights_gib": round(weights / 2**30, 2), "peak_gib": round(peak / 2**30, 2),
         "finite": all(p["finite"] for p in phases),
     }
@@ -303,7 +302,7 @@ def main() -> None:
     base = next((r for r in rows if r["method"] == BASELINE), None)
     for r in rows:
         r["x_dds_step"] = round(r["step_s"] / base["step_s"], 2) if base and r["step_s"] else None
-        r["x_dds_flop"] = round(r["tflop_per_step"] / base["tflop_per_step"], 2) if base and r["tflop_per_step"] else None
+        r["x_dds_flop"] = round(r["tflop_per_step"] / base["tflop_per_step"], 2) if base else None
     info = {"device": {"cuda": lambda: torch.cuda.get_device_name(), "meta": lambda: "meta (estimate from shapes)"}.get(
                 device.type, lambda: platform.processor() or "cpu")(),
             "torch": torch.__version__, "weights": a.model or "random (shipped configs)", "rows": rows}
@@ -312,7 +311,7 @@ def main() -> None:
     for r in rows:
         step = f"{r['step_s']:7.3f}" if r["step_s"] else f"{'-':>7s}"
         print(f"{r['method']:34s} {r['render']:6d} {r['dtype']:>9s} {step} {r['x_dds_step'] or 0:6.2f} "
-              f"{r['tflop_per_step'] or 0:7.2f} {r['peak_gib']:8.2f}")
+              f"{r['tflop_per_step']:7.2f} {r['peak_gib']:8.2f}")
 
 
 if __name__ == "__main__":
