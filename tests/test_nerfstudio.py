@@ -121,6 +121,8 @@ def test_edit_writes_adapters_and_resumes(scene, tiny_dir):
     assert resumed["step"] == first + 2
     assert resumed["pipeline"]["piva.meta"]["edit_start_step"] == pipe["piva.meta"]["edit_start_step"]
     assert torch.equal(resumed["pipeline"]["piva.original_rgb"], pipe["piva.original_rgb"])
+    # Inside the growth phase the captured colour head travels with the checkpoint, unchanged by the resume.
+    assert all(torch.equal(x, y) for x, y in zip(resumed["pipeline"]["piva.captured_colour"], pipe["piva.captured_colour"]))
     # The field changed during the edit.
     key = next(k for k in pipe if "field.mlp_base" in k)
     assert not torch.equal(resumed["pipeline"][key], pipe[key])
@@ -147,6 +149,27 @@ def test_target_only_steps_step_each_group_at_its_scaled_lr(scene, tiny_dir):
         moved = [(state["pipeline"][k] - nerfacto[k]).abs().max().item() for k in (grid, mlp)]
         assert moved == pytest.approx(list(expected), rel=1e-3), (target_only, moved)
         assert state["optimizers"]["fields"]["param_groups"][0]["lr"] == 1e-3  # the plain lr is what is saved
+
+
+def test_colour_head_is_reset_when_the_growth_phase_ends(scene, tiny_dir):
+    """One target-only step at 10x, then one plain step: with the reset the colour MLP ends within one
+    plain Adam step of the captured one while the grid keeps its 10x move; without it the MLP keeps both steps."""
+    nerfacto = torch.load(next(scene["nerfacto"].glob("*.ckpt")), map_location="cpu", weights_only=False)["pipeline"]
+    grid = next(k for k in nerfacto if k.endswith("field.mlp_base.model.0.hash_table") and "proposal" not in k)
+    head = [k for k in nerfacto if ".field.mlp_head." in k and "proposal" not in k]
+    moved = {}
+    for reset in ("True", "False"):
+        shutil.rmtree(scene["root"] / "edits", ignore_errors=True)
+        res = ns_train(scene, tiny_dir, "--pipeline.guidance.target-only-steps", "1", "--target-only-lr-scales.field-mlps",
+                       "10", "--pipeline.reset-colour-after-growth", reset, load_dir=scene["nerfacto"], steps=2,
+                       prompts=("a red cube", "a red cube on a white plate"))
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert ("colour head reset" in res.stdout) == (reset == "True")
+        state = torch.load(checkpoints(scene)[1][-1], map_location="cpu", weights_only=False)["pipeline"]
+        moved[reset] = [(state[k] - nerfacto[k]).abs().max().item() for k in (grid, *head)]
+    assert moved["True"][0] > 9e-3 and moved["False"][0] > 9e-3  # the grown geometry stays
+    assert max(moved["True"][1:]) < 2.5e-3  # one plain step (Adam moves at most ~lr per step)...
+    assert max(moved["False"][1:]) > 9e-3  # ...against the 10x step kept
 
 
 def test_missing_load_dir_fails_in_one_line(scene, tiny_dir):

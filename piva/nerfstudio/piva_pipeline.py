@@ -83,6 +83,12 @@ class PivaPipelineConfig(VanillaPipelineConfig):
     pushes each ray to empty or opaque, against the translucent shells and floaters that score
     distillation leaves when it changes a shape (0: off)."""
 
+    reset_colour_after_growth: bool = True
+    """When the target-only steps end, put the colour head (nerfacto's `mlp_head` and appearance embedding)
+    back as captured; the grids keep the grown geometry and the mode's score then paints it. The growth
+    phase's 10x steps drive the object's colour to a saturated, unshaded one that the plain lr cannot bring
+    back (toy world: a stripe on a blue cylinder 8 % -> 50 % of views, docs/toyworld.md). Nerfacto fields only."""
+
     @property
     def uses_controlnet(self) -> bool:
         return self.guidance.mode == "piva" and self.guidance.use_controlnet
@@ -117,6 +123,7 @@ class PivaPipeline(VanillaPipeline):
         self.edit_start_step: Optional[int] = None
         self.last_diagnostics: Dict[str, float] = {}
         self._pending_adapters: Optional[dict] = None
+        self.captured_colour: Optional[list] = None  # the colour head before the growth phase (reset_colour_after_growth)
 
     # -- configuration ----------------------------------------------------------
     def fingerprint(self) -> dict:
@@ -224,6 +231,20 @@ class PivaPipeline(VanillaPipeline):
             raise ValueError(f"training images of different sizes {sorted(shapes)}: piva needs one image size per scene")
         self.original_rgb, self.original_depth = torch.stack(rgbs), torch.stack(depths)
 
+    @torch.no_grad()
+    def _reset_colour(self, edit_step: int) -> None:
+        """reset_colour_after_growth: keep the colour head at the first edit step, put it back at the end of growth."""
+        growth = self.config.guidance.target_only_steps or 0
+        if not (self.config.reset_colour_after_growth and growth > 0 and hasattr(self.model, "colour_parameters")):
+            return
+        if edit_step == 0 and self.captured_colour is None:
+            self.captured_colour = [p.detach().clone() for p in self.model.colour_parameters()]
+        elif edit_step == growth and self.captured_colour is not None:
+            for p, kept in zip(self.model.colour_parameters(), self.captured_colour):
+                p.copy_(kept.to(p.device))
+            self.captured_colour = None
+            CONSOLE.print(f"[piva] edit step {edit_step}: growth phase over, colour head reset to the captured one")
+
     # -- the training step ------------------------------------------------------
     def get_train_loss_dict(self, step: int):
         if self.guidance is None:
@@ -234,6 +255,7 @@ class PivaPipeline(VanillaPipeline):
             self.edit_start_step = step
         edit_step = step - self.edit_start_step
         self.model.edit_step = edit_step
+        self._reset_colour(edit_step)
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
 
         # The field's own ray batch keeps the proposal networks tracking the edited density
@@ -283,6 +305,8 @@ class PivaPipeline(VanillaPipeline):
         if self.original_rgb is not None:
             state[STATE_PREFIX + "original_rgb"] = self.original_rgb
             state[STATE_PREFIX + "original_depth"] = self.original_depth
+        if self.captured_colour is not None:  # a run resumed inside the growth phase still resets the colour
+            state[STATE_PREFIX + "captured_colour"] = self.captured_colour
         meta = {**self.fingerprint(), "edit_start_step": self.edit_start_step}
         state[STATE_PREFIX + "meta"] = meta
         if self.guidance is not None and self.guidance.adapters is not None:
@@ -299,6 +323,7 @@ class PivaPipeline(VanillaPipeline):
             self.edit_start_step = piva["meta"].get("edit_start_step")
         self.original_rgb = piva.get("original_rgb")
         self.original_depth = piva.get("original_depth")
+        self.captured_colour = piva.get("captured_colour")
         if "adapters" in piva:
             if self.guidance is not None and self.guidance.adapters is not None:
                 self.guidance.adapters.load_state(piva["adapters"])
