@@ -310,6 +310,50 @@ def test_edit_grid_levels_leaves_the_fine_levels_as_reconstructed():
         PivaNerfactoModelConfig(**CPU_FIELD, edit_grid_levels=9).setup(scene_box=box, num_train_data=4)
 
 
+def test_geometry_only_growth_keeps_the_colour_gradient_out_of_the_grid():
+    """geometry_only_growth during growth steps: the grid's gradient is the one with the colour head's input
+    detached by hand (density only), unlike a plain step's; the colour head's own gradient is the same."""
+    import torch
+    from nerfstudio.cameras.rays import RayBundle
+    from nerfstudio.data.scene_box import SceneBox
+
+    from piva.nerfstudio.piva_model import PivaNerfactoModelConfig
+    from piva.nerfstudio.runs import CPU_FIELD
+
+    box = SceneBox(aabb=torch.tensor([[-1.5, -1.5, -1.5], [1.5, 1.5, 1.5]]))
+    model = PivaNerfactoModelConfig(**CPU_FIELD, geometry_only_growth=True).setup(scene_box=box, num_train_data=4)
+    model.eval()
+    n = 64
+    dirs = torch.nn.functional.normalize(torch.randn(n, 3, generator=torch.Generator().manual_seed(0)) * 0.2
+                                         + torch.tensor([0.0, 0.0, -1.0]), dim=-1)
+    bundle = RayBundle(origins=torch.tensor([[0.0, 0.0, 3.0]]).repeat(n, 1), directions=dirs,
+                       pixel_area=torch.full((n, 1), 1e-4), camera_indices=torch.zeros(n, 1, dtype=torch.long),
+                       nears=torch.full((n, 1), 1.0), fars=torch.full((n, 1), 5.0))
+    table = model.field.mlp_base.model[0].hash_table
+    head = list(model.field.mlp_head.parameters())
+
+    def grads(growing: bool, detach_by_hand: bool = False):
+        model.growing = growing
+        model.zero_grad()
+        forward = model.field.mlp_head.forward
+        if detach_by_hand:
+            model.field.mlp_head.forward = lambda x: forward(x.detach())
+        torch.manual_seed(0)
+        (model.get_outputs(bundle)["rgb"] * torch.tensor([0.3, -1.0, 2.0])).sum().backward()
+        model.field.mlp_head.forward = forward
+        return table.grad.clone(), [p.grad.clone() for p in head]
+
+    grid_growing, head_growing = grads(True)
+    model.config.geometry_only_growth = False
+    grid_by_hand, _ = grads(False, detach_by_hand=True)
+    grid_plain, head_plain = grads(False)
+    assert grid_growing.abs().sum() > 0  # the density still moves the grid
+    torch.testing.assert_close(grid_growing, grid_by_hand)
+    assert (grid_growing - grid_plain).abs().max() > 1e-3 * grid_plain.abs().max()
+    for a, b in zip(head_growing, head_plain):
+        torch.testing.assert_close(a, b)
+
+
 def test_geometry_edits_change_only_the_levels_whose_table_holds_every_vertex():
     """The default rule: a geometry edit trains the levels with (res+1)^3 <= table size, counted here by hand;
     a reconstruction (edit_geometry unresolved) and a tcnn grid train all."""

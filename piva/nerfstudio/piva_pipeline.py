@@ -255,6 +255,7 @@ class PivaPipeline(VanillaPipeline):
             self.edit_start_step = step
         edit_step = step - self.edit_start_step
         self.model.edit_step = edit_step
+        self.model.growing = edit_step < (self.config.guidance.target_only_steps or 0)
         self._reset_colour(edit_step)
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
 
