@@ -80,7 +80,8 @@ class PivaNerfactoModelConfig(NerfactoModelConfig):
     `reset_colour_after_growth`), and the grids and density MLP move for the density alone. Their features
     carry the object's colour too, which the growth phase's 10x colour steps drift. Toy world, with the reset:
     the purple sphere's plate 0 % -> 58 %, the blue cylinder's stripe 50 % -> 100 %, but the green sphere's
-    hat 33 % -> 0 % (docs/toyworld.md); off until measured over the toy Noe."""
+    hat 33 % -> 0 %, and on the toy Noe the red cube's plate 97 % -> 0 % and hat 94 % -> 3 %: a part whose colour
+    the captured head cannot make from the object's features does not grow (docs/toyworld.md). Off."""
     edit_grid_levels_until: Optional[int] = None
     """Edit step from which every level is editable again (coarse to fine: the shape settles in the
     coarse levels first, then the fine ones follow it). None: the fine levels stay frozen throughout."""
