@@ -82,7 +82,7 @@ class RunSize:
         return dataclasses.replace(self, edit_steps=edit_steps, anneal_step=anneal)
 
 
-# The toy world on 2 CPU cores (piva demo, benchmark --preset toy): 32 px views, 300 edit steps.
+# The toy world on 2 CPU cores (piva demo; benchmark --preset toy runs it at 450 edit steps): 32 px views, 300 edit steps.
 TOY_SIZE = RunSize(edit_steps=300, anneal_step=150, render_short_side=32, rays_per_batch=256,
                    source_steps=600, source_rays_per_batch=1024, cpu_field=True, device="cpu")
 
