@@ -5,7 +5,8 @@
     python benchmark/run.py --ray auto                              # one edit per GPU across a Ray cluster
 
 Finished edits are kept in OUT/results/<method>/<edit>.json; run the same command
-again after a stop and it carries on where it stopped.
+again after a stop and it carries on where it stopped. After a metric's definition
+changes, the same command with --rescore measures the stored edits again from their runs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parent
 def main(argv=None) -> int:
     from piva.noe.prepare import PrepareOptions
     from piva.noe.presets import PRESETS
-    from piva.noe.runner import METHODS, SPLAT_METHODS, RunOptions, run_benchmark, select_edits
+    from piva.noe.runner import METHODS, SPLAT_METHODS, RunOptions, rescore_benchmark, run_benchmark, select_edits
     from piva.noe.validate import ManifestError, validate
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +47,9 @@ def main(argv=None) -> int:
     p.add_argument("--threestudio", type=Path, help="threestudio checkout (with --backend threestudio)")
     p.add_argument("--ray", metavar="ADDRESS", help="run edits as Ray tasks: 'auto', 'local' or a cluster address")
     p.add_argument("--leaderboard-only", action="store_true", help="rebuild the pages from stored results")
+    p.add_argument("--rescore", action="store_true",
+                   help="measure the stored results again with the current metrics (their runs are rendered again, "
+                        "nothing trains; time and memory stay as recorded), then rebuild the pages")
     a = p.parse_args(argv)
 
     manifest_path = a.manifest or ROOT / "noe" / ("toy-manifest.json" if a.toy else "manifest.json")
@@ -86,7 +90,11 @@ def main(argv=None) -> int:
                       eval_views=a.eval_views, clip_model=a.clip_model, clip_weights=a.clip_weights, prepare=prep,
                       backend=a.backend, threestudio_root=a.threestudio, reported=noe, seeds=seeds)
     try:
-        summary = run_benchmark(manifest, edits, opts, ray_address=a.ray)
+        if a.rescore:
+            summary = rescore_benchmark(manifest, edits, opts)
+            print(f"[noe] measured again: {summary['rescored']}; leaderboards: {summary['markdown']}")
+        else:
+            summary = run_benchmark(manifest, edits, opts, ray_address=a.ray)
     except ValueError as exc:
         print(f"piva: error: {exc}", file=sys.stderr)
         return 2

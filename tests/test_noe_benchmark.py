@@ -431,6 +431,23 @@ def test_toy_benchmark_end_to_end_resumes_after_a_kill(tmp_path):
     assert "| no-edit | 1 |" in md and "| piva | 1 |" in md
     assert "| toy-red-cube | " in md.split("## Source scenes")[1]
 
+    # After a metric's definition changes, --rescore measures a stored result again from its run: the figures
+    # come back as measured, nothing trains, and the time recorded when it ran stays.
+    path = out / "results" / "piva" / "toy-red-cube-texturing-0@seed1.json"
+    stored = json.loads(path.read_text())
+    stale = {**stored["metrics"], "psnr": -1.0, "toy": {**stored["metrics"]["toy"], "background_psnr_vs_original": -1.0}}
+    path.write_text(json.dumps({**stored, "wall_time_s": 12345.0, "metrics": stale}))
+    before = sorted(p.name for p in ckpts.glob("step-*.ckpt"))
+    third = _run(out, "--methods", "piva", "--seeds", "1", "--rescore")
+    log = third.communicate(timeout=600)[0]
+    assert third.returncode == 0 and "measured again: 1;" in log, log
+    again = json.loads(path.read_text())
+    assert again["wall_time_s"] == 12345.0 and again["rescored"]["on"]
+    assert again["metrics"]["psnr"] == pytest.approx(stored["metrics"]["psnr"], abs=0.01)
+    assert again["metrics"]["toy"]["background_psnr_vs_original"] == pytest.approx(
+        stored["metrics"]["toy"]["background_psnr_vs_original"], abs=0.01)
+    assert sorted(p.name for p in ckpts.glob("step-*.ckpt")) == before
+
 
 # ---------------------------------------------------------------------------- threestudio backend
 def test_threestudio_backend_commands(tmp_path, monkeypatch):

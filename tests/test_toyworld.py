@@ -218,3 +218,32 @@ def test_silhouette_iou_against_the_original_scene_counts_what_the_edit_changed(
     assert 0.5 < by_hand < 0.95 and moved["silhouette_iou_vs_original"] == pytest.approx(by_hand, abs=0.03)
     kept = exact_edit_figures(rgb(cube), rgb(cube), cube, Scene.from_caption("a blue cube"), cams)
     assert kept["silhouette_iou_vs_original"] == 1.0
+
+
+def test_background_of_a_shape_change_to_a_cube_allows_any_yaw():
+    """A sphere turned into a cube that faces another way than the toy scene's cube: background PSNR counts the
+    pixels outside the sphere and the cube at every yaw (by hand: 90 yaws), so its corners cost nothing while a
+    change outside that region does; the exact-pose figure charges the corners too (by hand: the scene's yaw).
+    Its silhouette matches the cube at the best yaw."""
+    from piva.toyworld.evaluate import exact_edit_figures, target_poses
+
+    cams = toy_orbit(4, size=48)
+    sphere, cube = Scene.from_caption("a purple sphere"), Scene.from_caption("a purple cube")
+    rgb = lambda s: torch.from_numpy(np.stack([render(s, c)["rgb"] for c in cams])).permute(0, 3, 1, 2).float()  # noqa: E731
+    alpha = lambda s: np.stack([render(s, c)["alpha"] for c in cams])  # noqa: E731
+    original, edited = rgb(sphere), rgb(cube.with_(yaw=1.0))
+    edited[:, :, :4, :4] -= 0.05  # a faint change in a corner of every view, away from any silhouette
+    err = ((edited - original) ** 2).mean(1).numpy()
+    swept = np.max([alpha(cube.with_(yaw=y)) for y in np.linspace(0, math.pi / 2, 90)], 0)
+    by_hand = {name: 10 * math.log10(1 / err[(alpha(sphere) + a) <= 0.01].mean())
+               for name, a in (("any", swept), ("exact", alpha(cube)))}
+    figures = exact_edit_figures(edited, original, sphere, cube, cams)
+    assert figures["background_psnr_vs_original"] == pytest.approx(by_hand["any"], abs=0.3)
+    assert figures["background_psnr_vs_original_exact_pose"] == pytest.approx(by_hand["exact"], abs=0.3)
+    assert by_hand["exact"] < by_hand["any"] - 3
+    # Its shape is the target's at the best-fitting yaw, not at the scene's own.
+    assert figures["silhouette_iou_vs_target_any_pose"] > 0.9  # edge pixels at 48 px: 0.94 measured
+    assert figures["silhouette_iou_vs_target_geometry"] < figures["silhouette_iou_vs_target_any_pose"] - 0.05
+    # Where the source fixes the pose (a cube keeps its yaw) or the shape has none, only the exact scene counts.
+    assert target_poses(cube, cube.with_(color="blue")) == [cube.with_(color="blue")]
+    assert target_poses(cube, sphere) == [sphere]

@@ -7,6 +7,8 @@ interrupted edit resumes from its latest nerfstudio checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -338,10 +340,28 @@ def image_text_for(edit: dict, models: dict, preset: str) -> tuple[Optional[obje
 
 def run_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict, seed: int = 0) -> dict:
     """Prepare (if needed), edit, evaluate and store one (method, edit, seed); returns the stored record."""
-    from piva.metrics.evaluate import evaluate_views
-
     outcome = BACKENDS[opts.backend](opts).edit(edit, obj, method, seed)
     memory = _peak_memory_mb(opts.device)  # this process only; threestudio's own peak is in its logs
+    metrics, thumb = measure(edit, outcome, method, opts, models, seed)
+    device = opts.device
+    result = {
+        "edit": edit, "method": method, "seed": seed, "preset": opts.preset, "backend": opts.backend,
+        "registered_method": REGISTERED_METHODS.get(method) if opts.backend == "nerfstudio" else None,
+        "edit_steps": 0 if method == "no-edit" else opts.steps,
+        "metrics": metrics, "wall_time_s": round(outcome.wall_time_s, 1), "peak_memory": memory,
+        "edited_run": str(outcome.run) if outcome.run else None, "thumbnail": thumb.name,
+        "machine": {"device": device, "torch": torch.__version__, "platform": platform.platform(),
+                    "gpu": torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None},
+    }
+    atomic_write_json(result_path(opts.out, method, edit["id"], seed), result)
+    return result
+
+
+def measure(edit: dict, outcome: "EditOutcome", method: str, opts: RunOptions, models: dict,
+            seed: int = 0) -> tuple[dict, Path]:
+    """The metrics of an edit's renders, and its thumbnail (written beside its result)."""
+    from piva.metrics.evaluate import evaluate_views
+
     image_text, unavailable = image_text_for(edit, models, opts.preset)
     metrics = evaluate_views(outcome.edited, outcome.original, edit["source_prompt"], edit["target_prompt"],
                              outcome.unique, image_text=image_text, lpips=models.get("lpips"), unavailable=unavailable)
@@ -354,17 +374,30 @@ def run_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict, 
                                      "held_out": "test (or val) split, not used to train the source scene"}
     thumb = result_path(opts.out, method, edit["id"], seed).with_suffix(".png")
     save_thumbnail(thumb, outcome.original, outcome.edited)
-    device = opts.device
-    result = {
-        "edit": edit, "method": method, "seed": seed, "preset": opts.preset, "backend": opts.backend,
-        "registered_method": REGISTERED_METHODS.get(method) if opts.backend == "nerfstudio" else None,
-        "edit_steps": 0 if method == "no-edit" else opts.steps,
-        "metrics": metrics, "wall_time_s": round(outcome.wall_time_s, 1), "peak_memory": memory,
-        "edited_run": str(outcome.run) if outcome.run else None, "thumbnail": thumb.name,
-        "machine": {"device": device, "torch": torch.__version__, "platform": platform.platform(),
-                    "gpu": torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None},
-    }
-    atomic_write_json(result_path(opts.out, method, edit["id"], seed), result)
+    return metrics, thumb
+
+
+def rescore_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict, seed: int = 0) -> dict:
+    """Measure a stored edit again with today's metrics: its finished run is rendered again and nothing trains,
+    so the time and memory it was measured with stay as recorded. For when a metric's definition changes."""
+    from piva.nerfstudio import runs
+
+    path = result_path(opts.out, method, edit["id"], seed)
+    old = json.loads(path.read_text())
+    if opts.backend != "nerfstudio":
+        raise NotAvailable("--rescore renders nerfstudio runs again; threestudio's results come from its test stage")
+    if method != "no-edit":
+        run = Path(old.get("edited_run") or "")
+        last = runs.latest_checkpoint(run / "nerfstudio_models") if run.is_dir() else None
+        if last is None or runs.edit_steps_done(last) < old["edit_steps"]:
+            raise NotAvailable(f"its run ({run}) is gone or unfinished: delete {path} to run the edit again")
+    opts = dataclasses.replace(opts, edit_steps=old["edit_steps"] or None)  # resume at the last step: nothing trains
+    outcome = BACKENDS[opts.backend](opts).edit(edit, obj, method, seed)
+    metrics, _ = measure(edit, outcome, method, opts, models, seed)
+    result = {**old, "metrics": metrics,
+              "rescored": {"on": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                           "note": "metrics measured again from the stored run; time and memory as recorded"}}
+    atomic_write_json(path, result)
     return result
 
 
@@ -402,13 +435,38 @@ def pending(manifest: dict, edits: list[dict], opts: RunOptions) -> list[tuple[d
             if not result_path(opts.out, m, e["id"], s).is_file()]
 
 
+def check_methods(methods: Sequence[str]) -> None:
+    bad = [m for m in methods if m not in METHODS + SPLAT_METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {bad}: choose from {', '.join(METHODS + SPLAT_METHODS)}")
+
+
+def rescore_benchmark(manifest: dict, edits: list[dict], opts: RunOptions) -> dict:
+    """Measure the stored results among `edits` again (`rescore_one`), then write the leaderboards."""
+    from piva.noe.leaderboard import write_leaderboards
+
+    check_methods(opts.methods)
+    objects = {o["id"]: o for o in manifest["objects"]}
+    stored = [(e, m, s) for s in opts.seeds for m in opts.methods for e in edits
+              if result_path(opts.out, m, e["id"], s).is_file()]
+    print(f"[noe] measuring {len(stored)} stored result(s) again -> {opts.out}")
+    models, failed = (load_models(opts) if stored else {}), {}
+    for i, (edit, method, seed) in enumerate(stored, 1):
+        print(f"[noe] ({i}/{len(stored)}) {method} :: {seeded(edit['id'], seed)}")
+        try:
+            rescore_one(edit, objects[edit["object"]], method, opts, models, seed)
+        except NotAvailable as exc:
+            failed[f"{method}/{seeded(edit['id'], seed)}"] = str(exc)
+            print(f"[noe]   skipped: {exc}")
+    pages = write_leaderboards(opts.out, manifest_name=manifest.get("name", "noe"), reported=opts.reported)
+    return {"rescored": len(stored) - len(failed), "failed": failed, **pages}
+
+
 def run_benchmark(manifest: dict, edits: list[dict], opts: RunOptions, ray_address: Optional[str] = None) -> dict:
     """Run what is not done yet, then write the leaderboards; returns {'done', 'skipped', 'failed'}."""
     from piva.noe.leaderboard import write_leaderboards
 
-    bad = [m for m in opts.methods if m not in METHODS + SPLAT_METHODS]
-    if bad:
-        raise ValueError(f"unknown method(s) {bad}: choose from {', '.join(METHODS + SPLAT_METHODS)}")
+    check_methods(opts.methods)
     todo = pending(manifest, edits, opts)
     total = len(edits) * len(opts.methods) * len(opts.seeds)
     if opts.preset == "toy":
