@@ -32,8 +32,8 @@ def exact_edit_figures(edited: torch.Tensor, original: torch.Tensor, source: Sce
     obj_t = torch.from_numpy(np.stack([r["object"] for r in exact_target]))[:, None]
     alpha_t = torch.from_numpy(np.stack([r["alpha"] for r in exact_target]))[:, None]
     alpha_s = torch.from_numpy(np.stack([r["alpha"] for r in exact_source]))[:, None]
-    posed = [torch.from_numpy(np.stack([render(p, c)["alpha"] for c in cams]))[:, None]
-             for p in target_poses(source, target)]  # [N,1,H,W] per pose the caption allows
+    posed = [alpha_t] + [torch.from_numpy(np.stack([render(p, c)["alpha"] for c in cams]))[:, None]
+                         for p in target_poses(source, target)[1:]]  # [N,1,H,W] per pose the caption allows
     alpha_any = torch.stack(posed).amax(0)
     untouched = 1 - ((alpha_s + alpha_any) > 0.01).float()  # outside everything the edit may touch
     untouched_exact = 1 - ((alpha_s + alpha_t) > 0.01).float()
@@ -63,7 +63,7 @@ def exact_edit_figures(edited: torch.Tensor, original: torch.Tensor, source: Sce
 
 
 def target_poses(source: Scene, target: Scene, samples: int = 16) -> list[Scene]:
-    """Every pose of the target scene its caption allows. A caption fixes shape, colour and parts, and an
+    """Every pose of the target scene its caption allows, the scene itself first. A caption fixes shape, colour and parts, and an
     edit keeps the source object's pose, but a shape change to a cube leaves the new cube's yaw open: any
     yaw is as right as the toy scene's own 0.35 rad, and the corners of another yaw are not background
     damage. A cube repeats every quarter turn, so the scene's own yaw and `samples` more over [0, pi/2) cover it."""
