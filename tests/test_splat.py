@@ -40,20 +40,20 @@ def _hand_render(means, scales, opacities, colors, f, c, size, background):
     return rgb, depth, acc
 
 
-def test_dense_rasteriser_matches_a_hand_computation():
+def test_rasteriser_matches_a_hand_computation():
     means = [(0.0, 0.0, 2.0), (0.15, 0.05, 3.0), (-0.2, 0.1, 2.5)]
     scales = [0.1, 0.2, 0.08]
     opacities = [0.8, 0.6, 0.9]
     colors = [(1.0, 0.1, 0.1), (0.1, 0.2, 1.0), (0.2, 0.9, 0.3)]
     f, c, size, bg = 20.0, 8.0, 16, np.array([0.92, 0.92, 0.92])
     K = torch.tensor([[f, 0, c], [0, f, c], [0, 0, 1.0]], dtype=torch.float64)
+    rgb, depth, acc = _hand_render(means, scales, opacities, colors, f, c, size, bg)
+    assert acc.max() > 0.5 and (acc < 1e-3).mean() > 0.2  # the Gaussians overlap some pixels and miss others
     out = splat_cpu.rasterize(
         torch.tensor(means, dtype=torch.float64), torch.tensor([[1.0, 0, 0, 0]] * 3, dtype=torch.float64),
         torch.tensor(scales, dtype=torch.float64)[:, None].repeat(1, 3), torch.tensor(opacities, dtype=torch.float64),
         torch.tensor(colors, dtype=torch.float64), torch.eye(4, dtype=torch.float64), K, size, size,
         background=torch.tensor(bg))
-    rgb, depth, acc = _hand_render(means, scales, opacities, colors, f, c, size, bg)
-    assert acc.max() > 0.5 and (acc < 1e-3).mean() > 0.2  # the Gaussians overlap some pixels and miss others
     np.testing.assert_allclose(out["alpha"].numpy(), acc, atol=1e-9)
     np.testing.assert_allclose(out["rgb"].numpy(), rgb, atol=1e-9)
     np.testing.assert_allclose(out["depth"].numpy(), depth, atol=1e-9)
@@ -80,3 +80,48 @@ def test_rasteriser_gradients_reach_every_parameter():
     behind = splat_cpu.rasterize(**{k: v.detach() for k, v in params.items()}, viewmat=torch.diag(torch.tensor([1.0, 1, -1, 1])),
                                  K=K, width=24, height=24)
     assert behind["alpha"].abs().max() == 0  # everything behind the camera: nothing drawn
+
+
+def _every_pair(proj, opacities, colors, width, height):
+    """Compositing written out over every (pixel, Gaussian) pair: no lists, nothing skipped but alpha < 1/255."""
+    order = torch.argsort(proj["depths"])
+    mu, conic = proj["means2d"][order], proj["conics"][order]
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=mu.dtype), torch.arange(width, dtype=mu.dtype), indexing="ij")
+    d = torch.stack([xs, ys], -1).reshape(-1, 1, 2) + 0.5 - mu[None]
+    q = 0.5 * (conic[:, 0] * d[..., 0] ** 2 + conic[:, 2] * d[..., 1] ** 2) + conic[:, 1] * d[..., 0] * d[..., 1]
+    alpha = torch.clamp_max(opacities[order][None] * torch.exp(-q), 0.999)
+    alpha = torch.where(alpha >= 1 / 255, alpha, torch.zeros_like(alpha))
+    before = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha[:, :-1]], 1), 1)
+    w = alpha * before
+    acc = w.sum(1, keepdim=True)
+    return {"rgb": (w @ colors[order] + (1 - acc)).reshape(height, width, 3), "alpha": acc.reshape(height, width, 1),
+            "depth": ((w @ proj["depths"][order][:, None]) / acc.clamp_min(1e-10)).reshape(height, width, 1)}
+
+
+def test_per_pixel_lists_equal_every_pair():
+    """The rasteriser composites each pixel's own list of Gaussians; the sums over every pair must agree, with gradients."""
+    g = torch.Generator().manual_seed(3)
+    n, width, height = 300, 40, 35
+    means = (torch.rand(n, 3, generator=g, dtype=torch.float64) - 0.5) * torch.tensor([1.4, 1.4, 0.6], dtype=torch.float64)
+    params = dict(means=means + torch.tensor([0, 0, 3.0], dtype=torch.float64),
+                  quats=torch.randn(n, 4, generator=g, dtype=torch.float64),
+                  scales=torch.rand(n, 3, generator=g, dtype=torch.float64) * 0.06 + 0.005,
+                  opacities=torch.rand(n, generator=g, dtype=torch.float64), colors=torch.rand(n, 3, generator=g, dtype=torch.float64))
+    K = torch.tensor([[50.0, 0, 20], [0, 50.0, 20], [0, 0, 1]], dtype=torch.float64)
+    view, weights = torch.eye(4, dtype=torch.float64), torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
+    results = []
+    for reference in (False, True):
+        p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        if reference:
+            proj = splat_cpu.project(p["means"], p["quats"] / p["quats"].norm(dim=-1, keepdim=True), p["scales"], view, K, width, height)
+            out = _every_pair(proj, p["opacities"], p["colors"], width, height)
+        else:
+            out = splat_cpu.rasterize(**p, viewmat=view, K=K, width=width, height=height, background=torch.ones(3, dtype=torch.float64))
+        ((out["rgb"] * weights).sum() + out["depth"].sum()).backward()
+        results.append((out, {k: v.grad for k, v in p.items()}))
+    (out, grads), (want, want_grads) = results
+    assert 0.2 < (want["alpha"] > 0.05).double().mean() < 0.95  # some pixels covered, some not
+    for key in ("rgb", "depth", "alpha"):
+        torch.testing.assert_close(out[key], want[key], atol=1e-10, rtol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], atol=1e-9, rtol=1e-9)

@@ -39,7 +39,7 @@ CPU_FIELD = dict(
     use_appearance_embedding=False,
 )
 
-# Gaussian splats on CPU (piva's dense rasteriser): few Gaussians, no view-dependent colour, densification
+# Gaussian splats on CPU (piva's own rasteriser): few Gaussians, no view-dependent colour, densification
 # on the short schedule of a 600-step fit. Sizes only; the method's own values stay.
 CPU_SPLATS = dict(
     num_random=2000,

@@ -1,8 +1,8 @@
-"""splatfacto that also runs on CPU: piva's dense rasteriser where gsplat's CUDA kernels are missing.
+"""splatfacto that also runs on CPU: piva's own rasteriser where gsplat's CUDA kernels are missing.
 
 On a GPU this is splatfacto unchanged (`get_outputs` is nerfstudio's, gsplat's kernels). On CPU,
 `get_outputs` projects with gsplat's pure-torch reference and composites with
-`piva.nerfstudio.splat_cpu` (toy sizes only: every pixel meets every Gaussian), and hands
+`piva.nerfstudio.splat_cpu` (toy sizes: each pixel against the Gaussians that reach it), and hands
 splatfacto's densification strategy the same `info` gsplat would (2D means with their
 gradient, radii, image size). gsplat's "absgrad" needs its CUDA backward, so on CPU the
 strategy uses the plain 2D-mean gradient (`use_absgrad` off, with gsplat's default threshold
