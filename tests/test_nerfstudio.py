@@ -1,5 +1,6 @@
 """`ns-train piva` on a toy scene: discovery, a real nerfacto run, editing, checkpoints, resume, bad input."""
 
+import copy
 import os
 import shutil
 import subprocess
@@ -217,39 +218,66 @@ def test_two_pass_render_gradient_equals_one_full_graph(scene, tiny_dir):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_views_per_step_scores_several_views_in_one_batch(scene, tiny_dir):
-    """views_per_step=3: one score call on a batch of 3 views, each view's pixels get their own gradient."""
+def _loaded_edit_pipeline(scene, tiny_dir, views_per_step: int):
     cfg = runs.edit_config("piva-object", toy_object_scene(scene["data"]), scene["nerfacto"], scene["root"] / "unused",
                            "a red cube", "a red sphere", SIZE, str(tiny_dir), str(tiny_dir / "controlnet"))
-    cfg.pipeline.views_per_step = 3
+    cfg.pipeline.views_per_step = views_per_step
     pipeline = cfg.pipeline.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
-    ckpt = next(scene["nerfacto"].glob("*.ckpt"))
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(next(scene["nerfacto"].glob("*.ckpt")), map_location="cpu", weights_only=False)
     pipeline.load_pipeline(state["pipeline"], state["step"])
-    seen, rendered = [], []
     pipeline._setup_guidance()
     pipeline._cache_original_renders()
+    return cfg, pipeline, state["step"]
+
+
+def test_views_per_step_scores_several_views_in_one_batch(scene, tiny_dir):
+    """views_per_step=3: one score call on a batch of 3 views, each view's pixels get their own gradient;
+    rendered once each while the three fit in one chunk, in two passes (no grad, then grad) when they do not."""
+    cfg, pipeline, step0 = _loaded_edit_pipeline(scene, tiny_dir, 3)
+    seen, rendered = [], []
     step, render = pipeline.guidance.step, pipeline._render
 
     def spy_step(x, **kw):
         seen.append(tuple(x.shape))
         return step(x, **kw)
 
-    def spy_render(cam, grad_rgb=None, seed=0):
-        rendered.append((cam[1], grad_rgb is not None))
-        return render(cam, grad_rgb=grad_rgb, seed=seed)
+    def spy_render(cam, grad_rgb=None, seed=0, keep_graph=False):
+        out = render(cam, grad_rgb=grad_rgb, seed=seed, keep_graph=keep_graph)
+        rendered.append((cam[1], "grad" if grad_rgb is not None else "graph" if "rgb_graph" in out else "no grad"))
+        return out
 
     pipeline.guidance.step, pipeline._render = spy_step, spy_render
-    pipeline.model.zero_grad()
-    pipeline.get_train_loss_dict(state["step"] + 1)
-    assert len(seen) == 1 and seen[0][0] == 3
-    first, second = [i for i, g in rendered if not g], [i for i, g in rendered if g]
-    assert len(first) == len(second) == 3 and first == second
     grid = pipeline.model.field.mlp_base.model[0].hash_table
-    assert grid.grad is not None and grid.grad.abs().sum() > 0
+    for chunk, passes in ((3 * 32 * 32, ["graph"]), (3 * 32 * 32 - 1, ["no grad", "grad"])):
+        pipeline.config.rays_per_chunk = chunk
+        seen.clear(), rendered.clear()
+        pipeline.model.zero_grad()
+        pipeline.get_train_loss_dict(step0 + 1)
+        assert seen == [(3, 3, 32, 32)]
+        views = [[i for i, kind in rendered if kind == p] for p in passes]
+        assert all(len(v) == 3 for v in views) and all(v == views[0] for v in views) and len(rendered) == 3 * len(passes)
+        assert grid.grad is not None and grid.grad.abs().sum() > 0
     cfg.pipeline.views_per_step = 0
     with pytest.raises(ValueError, match="views_per_step"):
         cfg.pipeline.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
+
+
+def test_one_pass_render_gives_the_two_pass_gradient_in_an_edit_step(scene, tiny_dir):
+    """An edit step (training mode: jittered samples) with each view's graph kept gives the field the same gradient
+    as the memory-bounded two passes, from the same adapters and noise."""
+    _, pipeline, step0 = _loaded_edit_pipeline(scene, tiny_dir, 2)
+    adapters = copy.deepcopy(pipeline.guidance.adapters.state())
+    params = [p for p in pipeline.model.parameters() if p.requires_grad]
+    grads = []
+    for chunk in (2 * 32 * 32, 32 * 32):  # both views in one chunk: one pass; one view a chunk: two passes
+        pipeline.config.rays_per_chunk = chunk
+        pipeline.guidance.adapters.load_state(copy.deepcopy(adapters))
+        pipeline.model.zero_grad()
+        pipeline.get_train_loss_dict(step0 + 5)
+        grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params])
+    assert any(g.abs().sum() > 0 for g in grads[0])
+    for one_pass, two_pass in zip(*grads):
+        torch.testing.assert_close(one_pass, two_pass, rtol=1e-4, atol=1e-7)
 
 
 def test_field_mlps_get_their_own_optimizer_group():

@@ -154,10 +154,13 @@ class PivaPipeline(VanillaPipeline):
         cam.rescale_output_resolution(self.config.render_short_side / short)
         return cam, index
 
-    def _render(self, camera, grad_rgb: Optional[torch.Tensor] = None, seed: int = 0) -> Dict[str, torch.Tensor]:
+    def _render(self, camera, grad_rgb: Optional[torch.Tensor] = None, seed: int = 0,
+                keep_graph: bool = False) -> Dict[str, torch.Tensor]:
         """Whole-view render in chunks. With `grad_rgb` [H,W,3], each chunk is re-rendered with
         grad and backpropagated at once, so memory stays at one chunk. Each chunk's sampling
-        jitter is seeded, so the grad pass re-renders exactly the image that was scored."""
+        jitter is seeded, so the grad pass re-renders exactly the image that was scored.
+        `keep_graph` (a NeRF view in one chunk): rendered once with grad, the graph returned as
+        "rgb_graph" for the caller to backpropagate, which saves the second pass's forward."""
         cam, index = camera
         if self.renders_splats:  # whole views at once, with depth
             if grad_rgb is not None:
@@ -174,6 +177,12 @@ class PivaPipeline(VanillaPipeline):
         rgb, depth, acc = [], [], []
         step = self.config.rays_per_chunk
         devices = [torch.device(self.device)] if torch.device(self.device).type == "cuda" else []
+        if keep_graph and grad_rgb is None and len(flat) <= step:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed * 7919)  # the seed of chunk 0: the same image as the two passes
+                out = self.model(flat)
+            return {"rgb": out["rgb"].detach().reshape(h, w, 3).clamp(0, 1), "depth": out["depth"].detach().reshape(h, w),
+                    "accumulation": out["accumulation"].detach().reshape(h, w), "rgb_graph": out["rgb"]}
         for i in range(0, len(flat), step):
             chunk = flat[i : i + step]
             with torch.random.fork_rng(devices=devices):
@@ -276,7 +285,11 @@ class PivaPipeline(VanillaPipeline):
         # views_per_step training views, scored in one batch; each is rendered (and backpropagated) on its own.
         indices = torch.randint(0, len(self.original_rgb), (self.config.views_per_step,), generator=g).tolist()
         cams = [self._camera(i) for i in indices]
-        currents = [self._render(cam, seed=step + k * 1_000_003) for k, cam in enumerate(cams)]
+        # Every view's graph kept while it is scored when all of them together fit in one chunk (toy sizes):
+        # one forward a view instead of two, the same memory bound.
+        keep = not self.renders_splats and len(cams) * int(cams[0][0].width.item()) * int(cams[0][0].height.item()) \
+            <= self.config.rays_per_chunk
+        currents = [self._render(cam, seed=step + k * 1_000_003, keep_graph=keep) for k, cam in enumerate(cams)]
         x = torch.stack([c["rgb"].permute(2, 0, 1) for c in currents]).detach().requires_grad_(True)
         x_in = self.guidance.fit_to_model(x).clamp(0, 1)
         depth = self.guidance.fit_to_model(
@@ -289,7 +302,10 @@ class PivaPipeline(VanillaPipeline):
         diagnostics = out.diagnostics
         del out  # the score's graph goes before the adapters' update
         for k, cam in enumerate(cams):
-            self._render(cam, grad_rgb=grad_image[k].permute(1, 2, 0).contiguous(), seed=step + k * 1_000_003)
+            if "rgb_graph" in currents[k]:
+                currents[k].pop("rgb_graph").backward(grad_image[k].permute(1, 2, 0).reshape(-1, 3))
+            else:
+                self._render(cam, grad_rgb=grad_image[k].permute(1, 2, 0).contiguous(), seed=step + k * 1_000_003)
         adapter_losses = self.guidance.update_adapters(
             x_in.detach(), depth=depth, source_rgb=src_rgb, source_depth=src_depth, generator=g
         )
