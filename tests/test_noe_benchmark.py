@@ -448,6 +448,15 @@ def test_toy_benchmark_end_to_end_resumes_after_a_kill(tmp_path):
         stored["metrics"]["toy"]["background_psnr_vs_original"], abs=0.01)
     assert sorted(p.name for p in ckpts.glob("step-*.ckpt")) == before
 
+    # --workers 2: edits at once in processes of their own, each storing its result (two no-edit seeds: no training)
+    fourth = _run(out, "--methods", "no-edit", "--seeds", "1,2,3", "--workers", "2")
+    log = fourth.communicate(timeout=600)[0]
+    assert fourth.returncode == 0 and "1 of 3 edits already done" in log and "[noe] 2 worker processes" in log, log
+    for seed in (2, 3):
+        again = json.loads((out / "results" / "no-edit" / f"toy-red-cube-texturing-0@seed{seed}.json").read_text())
+        figures = {k: v for k, v in noedit["toy"].items() if isinstance(v, float)}
+        assert again["seed"] == seed and {k: again["metrics"]["toy"][k] for k in figures} == pytest.approx(figures)
+
 
 # ---------------------------------------------------------------------------- threestudio backend
 def test_threestudio_backend_commands(tmp_path, monkeypatch):
