@@ -250,7 +250,8 @@ def test_views_per_step_scores_several_views_in_one_batch(scene, tiny_dir):
     grid = pipeline.model.field.mlp_base.model[0].hash_table
     for chunk, passes in ((3 * 32 * 32, ["graph"]), (3 * 32 * 32 - 1, ["no grad", "grad"])):
         pipeline.config.rays_per_chunk = chunk
-        seen.clear(), rendered.clear()
+        seen.clear()
+        rendered.clear()
         pipeline.model.zero_grad()
         pipeline.get_train_loss_dict(step0 + 1)
         assert seen == [(3, 3, 32, 32)]
