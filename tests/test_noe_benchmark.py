@@ -314,8 +314,44 @@ def test_paired_piva_minus_dds_with_a_bootstrap_interval(tmp_path):
     assert everything["high"] == pytest.approx(np.percentile(means, 97.5), abs=0.1)
     right = pairs[("both", "toy_background_psnr_vs_original")]  # e2 left out: DDS failed it
     assert right["n"] == 4 and right["mean"] == pytest.approx(np.delete(d, 2).mean())
+    by_type = pairs[("addi", "toy_background_psnr_vs_original")]  # per edit type, at equal success
+    assert by_type["n"] == 4 and by_type["mean"] == pytest.approx(right["mean"])
+    assert ("addi", "psnr") not in pairs and not any(s == "text" for s, _ in pairs)
     md = Path(write_leaderboards(tmp_path, "test")["markdown"]).read_text()
     assert "PiVa − DDS on the same edits" in md and "| success ↑ | bg PSNR ↑ |" in md
+
+
+def test_comparison_grid_puts_each_methods_edit_in_its_column(tmp_path):
+    """Plain-colour thumbnails: the original's colour in the first column, each method's in its own, grey where a
+    method has no result for that edit; the lowest seed of each edit is shown."""
+    from piva.noe.leaderboard import GRID, comparison_grid, write_leaderboards
+    from piva.noe.runner import result_path, save_thumbnail
+
+    colours = {"piva": (1.0, 0.0, 0.0), "dds": (0.0, 0.0, 1.0)}
+    runs = [("piva", "e1", 0), ("dds", "e1", 0), ("piva", "e2", 0), ("piva", "e2", 1)]
+    for method, edit, seed in runs:
+        _fake_result(tmp_path, method, edit, "texturing", 0.3, 0.1, seed=seed)
+        colour = (0.0, 1.0, 0.0) if seed else colours[method]  # seed 1 must not be shown
+        edited = torch.tensor(colour).view(1, 3, 1, 1).expand(5, 3, 8, 8)
+        save_thumbnail(result_path(tmp_path, method, edit, seed).with_suffix(".png"), torch.full((5, 3, 8, 8), 0.2),
+                       edited)
+    from piva.noe.leaderboard import load_results
+
+    image, labels, columns = comparison_grid(load_results(tmp_path), tmp_path)
+    assert columns == ["original", "piva", "dds"] and len(labels) == 2
+    cell = 96  # 8 px thumbnails are enlarged 12x
+    assert image.shape == (2 * cell, 3 * 2 * cell, 3)
+
+    def block(row: int, col: int):  # col: original, piva, dds -> two views each
+        return image[row * cell:(row + 1) * cell, col * 2 * cell:(col + 1) * 2 * cell].reshape(-1, 3)
+
+    for row in (0, 1):
+        assert (block(row, 0) == 51).all()
+        assert (block(row, 1) == [255, 0, 0]).all()
+    assert (block(0, 2) == [0, 0, 255]).all()
+    assert (block(1, 2) == 128).all()  # e2 has no DDS result
+    write_leaderboards(tmp_path, "test")
+    assert (tmp_path / GRID).stat().st_size > 1000 and GRID in (tmp_path / "leaderboard.md").read_text()
 
 
 @pytest.mark.skipif(not CHROMIUM and not os.environ.get("CI"), reason="chromium is not installed (CI installs it)")
@@ -335,7 +371,7 @@ def test_leaderboard_page_loads_in_headless_chromium(tmp_path):
     assert shot.is_file() and shot.stat().st_size > 5000
     dom = subprocess.run(flags + ["--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
                          check=True, capture_output=True, text=True, timeout=120).stdout
-    assert 'data-status="ok 3 images"' in dom, dom[-500:]  # 2 thumbnails + the plot, all loaded
+    assert 'data-status="ok 4 images"' in dom, dom[-500:]  # 2 thumbnails, the plot and the grid, all loaded
 
 
 # ---------------------------------------------------------------------------- the runner, end to end

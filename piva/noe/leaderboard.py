@@ -12,9 +12,12 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from piva.io import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:
+    import numpy as np
 
 REPORTED = {  # PiVa paper, table 2 (Noe, threestudio, CLIP ViT-B/32, LPIPS AlexNet)
     "dds": {"clip_score": 0.242, "lpips": 0.1918},
@@ -33,6 +36,7 @@ COLUMNS = [  # (key, header, higher is better)
 # bg PSNR = against the original outside the exact source and target silhouettes; IoU src/tgt = silhouette vs the
 # exact shapes; IoU orig = vs the original scene's own silhouette (what the edit changed).
 PAIRED = ("toy_background_psnr_vs_original", "psnr", "ssim", "toy_judge_success_rate", "judge_score", "clip_score", "lpips")
+PAIRED_BY_TYPE = ("toy_background_psnr_vs_original", "toy_judge_success_rate")
 SUCCESS = 0.7
 """A toy edit counts as a success for the paired comparison when the judge names the target in this share of views."""
 
@@ -80,7 +84,7 @@ def _columns(tables: list[dict]) -> list[tuple]:
     return [c for c in COLUMNS if c[0] in present]
 
 
-def markdown(rows: list[dict], manifest_name: str, reported: bool = False) -> str:
+def markdown(rows: list[dict], manifest_name: str, reported: bool = False, grid_file: Optional[str] = None) -> str:
     """`reported`: add the paper's Noe rows (only comparable on the Noe manifest itself)."""
     by_method = aggregate(rows, ("method",))
     by_type = aggregate(rows, ("method", "type"))
@@ -108,6 +112,8 @@ def markdown(rows: list[dict], manifest_name: str, reported: bool = False) -> st
                   "| object | views | PSNR ↑ | SSIM ↑ | LPIPS ↓ |", "|---|---|---|---|---|"]
         lines += [f"| {o} | {r['views']} | {_fmt(r['psnr'])} | {_fmt(r['ssim'])} | {_fmt(r.get('lpips'))} |"
                   for o, r in recon.items()]
+    if grid_file:
+        lines += ["", "## Every edit: the original, then each method (two views each)", "", f"![every edit]({grid_file})"]
     return "\n".join(lines) + "\n"
 
 
@@ -122,9 +128,14 @@ def paired(rows: list[dict], a: str = "piva", b: str = "dds", resamples: int = 2
     shared = sorted(e for m, e in by if m == a and (b, e) in by)
     both_right = [e for e in shared if min(by[(a, e)].get("toy_judge_success_rate", -1),
                                            by[(b, e)].get("toy_judge_success_rate", -1)) >= SUCCESS]
+    types = {e: r["type"] for r in rows for e in [(r["edit"]["id"], r.get("seed", 0))]}
+    subsets = [("all shared edits", shared, PAIRED), (f"both succeed (success >= {SUCCESS:.0%})", both_right, PAIRED)]
+    # per edit type, the two figures the claim is about: does the identity term keep more at equal success?
+    subsets += [(f"{kind}, both succeed", [e for e in both_right if types[e] == kind], PAIRED_BY_TYPE)
+                for kind in sorted({types[e] for e in shared})]
     out = []
-    for subset, edits in (("all shared edits", shared), (f"both succeed (success >= {SUCCESS:.0%})", both_right)):
-        for key in PAIRED:
+    for subset, edits, keys in subsets:
+        for key in keys:
             d = [by[(a, e)][key] - by[(b, e)][key] for e in edits if key in by[(a, e)] and key in by[(b, e)]]
             d = [x for x in d if math.isfinite(x)]
             if not d:
@@ -187,6 +198,82 @@ def plot(rows: list[dict], path: Path, reported: bool = False) -> Optional[str]:
     return path.name
 
 
+GRID = "leaderboard_grid.png"
+GRID_VIEWS = (0, 2)
+"""Which of a thumbnail's four views the grid shows (a quarter turn apart on the evaluation orbit)."""
+
+
+def _method_order(methods: set[str]) -> list[str]:
+    first = [m for m in ("piva", "dds", "sds") if m in methods]
+    return first + sorted(methods - set(first) - {"no-edit"})
+
+
+def comparison_grid(rows: list[dict], out: Path) -> tuple[Optional["np.ndarray"], list[str], list[str]]:
+    """uint8 [H,W,3] image: one row per edit (its lowest seed), the original then each method's edit, GRID_VIEWS of
+    each, cut from the stored thumbnails (original above edited, four views); a missing edit is left grey.
+    Returns the image, the row labels and the column labels."""
+    import imageio.v3 as iio
+    import numpy as np
+
+    methods = _method_order({r["method"] for r in rows})
+    seed = {}
+    for r in rows:
+        seed[r["edit"]["id"]] = min(seed.get(r["edit"]["id"], r["seed"]), r["seed"])
+    chosen = {(r["edit"]["id"], r["method"]): r for r in rows if r["seed"] == seed[r["edit"]["id"]]}
+    edits = sorted({e: r["edit"] for (e, _), r in chosen.items()}.values(), key=lambda e: (e["type"], e["id"]))
+    if not edits or not methods:
+        return None, [], []
+    cells, labels = [], []
+    size = None
+    for edit in edits:
+        thumbs = {m: iio.imread(Path(out) / chosen[(edit["id"], m)]["thumbnail"])[..., :3]
+                  for m in methods + ["no-edit"] if (edit["id"], m) in chosen}
+        any_thumb = next(iter(thumbs.values()))
+        h, w = any_thumb.shape[0] // 2, any_thumb.shape[1] // 4
+        size = size or (h, w)
+        if (h, w) != size:
+            raise ValueError(f"thumbnails of different sizes in {out}: rebuild them with --rescore")
+
+        def cut(t, row: int):
+            return [t[row * h:(row + 1) * h, v * w:(v + 1) * w] for v in GRID_VIEWS]
+
+        grey = [np.full((h, w, 3), 128, np.uint8)] * len(GRID_VIEWS)
+        line = cut(any_thumb, 0) + [im for m in methods for im in (cut(thumbs[m], 1) if m in thumbs else grey)]
+        cells.append(np.concatenate(line, axis=1))
+        labels.append(f"{edit['type']}: {edit['source_prompt']} → {edit['target_prompt']}"
+                      + (f" (seed {seed[edit['id']]})" if seed[edit["id"]] else ""))
+    return np.concatenate(cells, axis=0), labels, ["original"] + methods
+
+
+def grid_figure(rows: list[dict], out: Path) -> Optional[str]:
+    """The comparison grid with its labels, as GRID in `out`: what the README shows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image, labels, columns = comparison_grid(rows, out)
+    if image is None:
+        return None
+    h, w = image.shape[:2]
+    row_h, col_w = h / len(labels), w / len(columns)
+    dpi, left, top = 100, 0.3 + 0.062 * max(map(len, labels)), 0.3  # inches of label margin (8 pt text)
+    fig = plt.figure(figsize=(w / dpi + left, h / dpi + top), dpi=dpi)
+    ax = fig.add_axes((left / (w / dpi + left), 0, (w / dpi) / (w / dpi + left), (h / dpi) / (h / dpi + top)))
+    ax.imshow(image, interpolation="nearest")
+    ax.set_yticks([(i + 0.5) * row_h for i in range(len(labels))], labels, fontsize=8)
+    ax.set_xticks([(i + 0.5) * col_w for i in range(len(columns))], columns, fontsize=9)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    for i in range(1, len(columns)):
+        ax.axvline(i * col_w - 0.5, color="white", lw=2)
+    path = Path(out) / GRID
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    return path.name
+
+
 PAGE_CHECK = """<script>
 // Marks the page for headless checks: every image must have loaded.
 window.addEventListener('load', () => {
@@ -196,7 +283,8 @@ window.addEventListener('load', () => {
 </script>"""
 
 
-def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], reported: bool = False) -> str:
+def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], reported: bool = False,
+              grid_file: Optional[str] = None) -> str:
     by_method = aggregate(rows, ("method",))
     by_type = aggregate(rows, ("method", "type"))
     cols = _columns([by_method, by_type])
@@ -243,6 +331,8 @@ def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], re
     notes = "".join(f"<li>{e(k)}: {e(v)}</li>" for k, v in sorted(models.items()))
     notes += "".join(f"<li>not computed — {e(k)}: {e(v)}</li>" for k, v in sorted(missing.items()))
     img = f"<img class='plot' src='{e(plot_file)}' alt='score vs preservation'>" if plot_file else ""
+    grid = (f"<h2>Every edit: the original, then each method</h2><img class='grid' src='{e(grid_file)}' "
+            "alt='every edit, side by side'>") if grid_file else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{e(manifest_name)} leaderboard</title>
 <style>
@@ -254,6 +344,7 @@ figure {{ display: inline-block; margin: 8px; width: 400px; vertical-align: top;
 figure img {{ width: 100%; image-rendering: pixelated; border: 1px solid #ddd; }}
 figcaption {{ font-size: 12px; }}
 img.plot {{ max-width: 520px; }}
+img.grid {{ max-width: 100%; image-rendering: pixelated; }}
 </style></head>
 <body>
 <h1>{e(manifest_name)} leaderboard</h1>
@@ -263,6 +354,7 @@ img.plot {{ max-width: 520px; }}
 {paired_table}
 {recon_table}
 {img}
+{grid}
 <h2>Edits (top: original, bottom: edited)</h2>
 {''.join(cards)}
 {PAGE_CHECK}
@@ -276,6 +368,7 @@ def write_leaderboards(out: Path, manifest_name: str = "noe", reported: bool = F
     rows = load_results(out)
     md, page = out / "leaderboard.md", out / "leaderboard.html"
     plot_file = plot(rows, out / "leaderboard_plot.png", reported) if rows else None
-    atomic_write_text(md, markdown(rows, manifest_name, reported))
-    atomic_write_text(page, html_page(rows, manifest_name, plot_file, reported))
+    grid_file = grid_figure(rows, out) if rows else None
+    atomic_write_text(md, markdown(rows, manifest_name, reported, grid_file))
+    atomic_write_text(page, html_page(rows, manifest_name, plot_file, reported, grid_file))
     return {"markdown": str(md), "html": str(page), "results": len(rows)}
