@@ -3,6 +3,7 @@
     python benchmark/run.py --toy                                  # CPU, toy world, minutes
     python benchmark/run.py --methods piva,dds --types texturing    # the real Noe (GPU)
     python benchmark/run.py --ray auto                              # one edit per GPU across a Ray cluster
+    python benchmark/run.py --toy --methods piva+identity_weight=0  # a sweep: the method with one knob changed
 
 Finished edits are kept in OUT/results/<method>/<edit>.json; run the same command
 again after a stop and it carries on where it stopped. After a metric's definition
@@ -29,7 +30,9 @@ def main(argv=None) -> int:
     p.add_argument("--toy", action="store_true", help="the toy-world manifest and preset (CPU, offline)")
     p.add_argument("--out", type=Path, help="results folder (default: outputs/noe or outputs/noe-toy)")
     p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated, from {','.join(METHODS + SPLAT_METHODS)} (the splat ones on splatfacto scenes)")
+                   help=f"comma-separated, from {','.join(METHODS + SPLAT_METHODS)} (the splat ones on splatfacto scenes); "
+                        "METHOD+KNOB=VALUE[+...] changes GuidanceConfig knobs of a method for a sweep, "
+                        "stored as its own method (e.g. piva+identity_weight=0)")
     p.add_argument("--objects", help="comma-separated object ids")
     p.add_argument("--types", help="comma-separated: texturing,addition,translation")
     p.add_argument("--limit", type=int, help="at most this many edits (after the filters)")

@@ -253,6 +253,28 @@ def test_lpips_loads_without_nerfstudio(tmp_path, weights):
     assert "nerfstudio imported: False" in res.stdout
 
 
+def test_a_sweep_variant_is_the_registered_method_with_only_its_knobs_changed(tmp_path):
+    from piva.nerfstudio import runs
+    from piva.nerfstudio.piva_config import METHODS
+    from piva.noe.runner import check_methods, method_variant
+    from piva.noe.prepare import toy_object_scene
+
+    assert method_variant("piva+identity_weight=0+adapter_rank=8") == ("piva", {"identity_weight": 0.0, "adapter_rank": 8})
+    assert method_variant("dds") == ("dds", {})
+    check_methods(["piva+identity_weight=1.5", "dds+noise_draws=2", "no-edit"])
+    for bad, why in (("piva+identity_weight", "KEY=VALUE"), ("piva+lambda=1", "not KEY=VALUE"),
+                     ("piva+adapter_rank=x", "takes a int"), ("no-edit+identity_weight=0", "only a method that edits"),
+                     ("piva+mode=dds", "not KEY=VALUE"), ("pivaa", "unknown method")):
+        with pytest.raises(ValueError, match=why):
+            check_methods([bad])
+    base, knobs = method_variant("piva+identity_weight=0")
+    cfg = runs.edit_config("piva-object", toy_object_scene(tmp_path / "data"), tmp_path / "load", tmp_path / "out",
+                           "a red cube", "a blue cube", runs.TOY_SIZE, diffusion_model="m", guidance=knobs)
+    diff = set(runs.config_differences(METHODS["piva-object"].config, cfg)) - runs.SIZE_FIELDS - runs.INPUT_FIELDS
+    assert diff == {"pipeline.guidance.identity_weight"} and cfg.pipeline.guidance.identity_weight == 0.0
+    assert cfg.pipeline.guidance.anneal_step == runs.TOY_SIZE.anneal_step
+
+
 # ---------------------------------------------------------------------------- leaderboards
 def _fake_result(out: Path, method: str, edit_id: str, kind: str, clip: float, lpips: float, toy=None,
                  seed: int = 0) -> None:
@@ -319,6 +341,19 @@ def test_paired_piva_minus_dds_with_a_bootstrap_interval(tmp_path):
     assert ("addi", "psnr") not in pairs and not any(s == "text" for s, _ in pairs)
     md = Path(write_leaderboards(tmp_path, "test")["markdown"]).read_text()
     assert "PiVa − DDS on the same edits" in md and "| success ↑ | bg PSNR ↑ |" in md
+    # a sweep variant is paired with DDS, and PiVa with it (what the variant leaves out is what PiVa adds)
+    bg_variant = [30.5, 31.0, 30.0, 33.0, 29.0]
+    for i in range(5):
+        _fake_result(tmp_path, "dds+same_latent=true", f"e{i}", "addition", 0.3, 0.1,
+                     toy={"judge_success_rate": 0.9, "background_psnr_vs_original": bg_variant[i]})
+    from piva.noe.leaderboard import paired_with_dds
+
+    pairs = {(p["method"], p["subset"][:4], p["figure"]): p for p in paired_with_dds(load_results(tmp_path))}
+    key = "toy_background_psnr_vs_original"
+    assert pairs[("piva − dds", "all ", key)]["mean"] == pytest.approx(d.mean())
+    assert pairs[("piva − dds+same_latent=true", "all ", key)]["mean"] == pytest.approx(
+        np.mean(np.array(bg_piva) - bg_variant))
+    assert pairs[("dds+same_latent=true − dds", "both", key)]["n"] == 4  # e2: DDS failed it
 
 
 def test_comparison_grid_puts_each_methods_edit_in_its_column(tmp_path):

@@ -210,10 +210,12 @@ def edit_config(
     diffusion_model: Optional[str] = None,
     controlnet_model: Optional[str] = None,
     edit_geometry: Optional[bool] = None,
+    guidance: Optional[dict] = None,
 ):
     """The registered method `method` (piva_config.METHODS) with this run's inputs and sizes.
 
-    `edit_geometry` None keeps the method's rule (geometry kept for colour-only prompts)."""
+    `edit_geometry` None keeps the method's rule (geometry kept for colour-only prompts); `guidance`: GuidanceConfig
+    fields to change (a sweep), nothing else."""
     from piva.nerfstudio.piva_config import METHODS
 
     if method not in METHODS:
@@ -221,7 +223,7 @@ def edit_config(
     cfg = copy.deepcopy(METHODS[method].config)
     pipe = cfg.pipeline
     pipe.guidance = dataclasses.replace(pipe.guidance, source_prompt=source_prompt, target_prompt=target_prompt,
-                                        anneal_step=size.anneal_step)
+                                        **{"anneal_step": size.anneal_step, **(guidance or {})})
     if diffusion_model is not None:
         pipe.diffusion_model = str(diffusion_model)
     if controlnet_model is not None:

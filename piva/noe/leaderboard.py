@@ -145,18 +145,27 @@ def paired(rows: list[dict], a: str = "piva", b: str = "dds", resamples: int = 2
                 ci = bootstrap((np.array(d),), np.mean, confidence_level=0.95, n_resamples=resamples,
                                method="percentile", random_state=0).confidence_interval
                 lo, hi = float(ci.low), float(ci.high)
-            out.append({"subset": subset, "figure": key, "n": len(d), "mean": statistics.fmean(d), "low": lo, "high": hi})
+            out.append({"method": f"{a} − {b}", "subset": subset, "figure": key, "n": len(d), "mean": statistics.fmean(d),
+                        "low": lo, "high": hi})
     return out
 
 
+def paired_with_dds(rows: list[dict]) -> list[dict]:
+    """`paired` for PiVa against DDS, and for each sweep variant (METHOD+KNOB=VALUE) against DDS and PiVa
+    against it: e.g. dds+same_latent=true isolates the identity term from the shared latent."""
+    variants = sorted({r["method"] for r in rows if "+" in r["method"]})
+    pairs = [("piva", "dds")] + [p for v in variants for p in ((v, "dds"), ("piva", v))]
+    return [p for a, b in pairs for p in paired(rows, a, b)]
+
+
 def _paired_lines(rows: list[dict]) -> list[str]:
-    pairs = paired(rows)
+    pairs = paired_with_dds(rows)
     if not pairs:
         return []
     lines = ["", "## PiVa − DDS on the same edits (paired; 95 % bootstrap interval over edits)", "",
-             "| edits | figure | pairs | mean difference | 95 % interval |", "|---|---|---|---|---|"]
+             "| difference | edits | figure | pairs | mean difference | 95 % interval |", "|---|---|---|---|---|---|"]
     for p in pairs:
-        lines.append(f"| {p['subset']} | {p['figure']} | {p['n']} | {_fmt(p['mean'])} | {_interval(p)} |")
+        lines.append(f"| {p['method']} | {p['subset']} | {p['figure']} | {p['n']} | {_fmt(p['mean'])} | {_interval(p)} |")
     return lines
 
 
@@ -302,11 +311,12 @@ def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], re
                             + "".join(f"<td>{_fmt(row.get(c))}</td>" for c, _, _ in cols) + "</tr>")
         return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
-    pairs = paired(rows)
+    pairs = paired_with_dds(rows)
     paired_table = "" if not pairs else (
         "<h2>PiVa − DDS on the same edits (paired; 95 % bootstrap interval over edits)</h2>"
-        "<table><tr><th>edits</th><th>figure</th><th>pairs</th><th>mean difference</th><th>95 % interval</th></tr>"
-        + "".join(f"<tr><td>{e(p['subset'])}</td><td>{e(p['figure'])}</td><td>{p['n']}</td><td>{_fmt(p['mean'])}</td>"
+        "<table><tr><th>difference</th><th>edits</th><th>figure</th><th>pairs</th><th>mean difference</th><th>95 % interval</th></tr>"
+        + "".join(f"<tr><td>{e(p['method'])}</td><td>{e(p['subset'])}</td><td>{e(p['figure'])}</td><td>{p['n']}</td>"
+                  f"<td>{_fmt(p['mean'])}</td>"
                   f"<td>{_interval(p)}</td></tr>"
                   for p in pairs) + "</table>")
     recon = reconstructions(rows)

@@ -208,7 +208,8 @@ class NerfstudioBackend:
         from piva.nerfstudio import runs
 
         opts = self.opts
-        splats = method in SPLAT_METHODS
+        base, guidance = method_variant(method)
+        splats = base in SPLAT_METHODS
         record = prepare_object(obj, opts.prepare, splats=splats)
         source = Path(record["splat_source_checkpoints" if splats else "source_checkpoints"])
         _reset_peak_memory(opts.device)
@@ -217,9 +218,10 @@ class NerfstudioBackend:
         if method != "no-edit":
             model, controlnet = diffusion_models(opts)
             cfg = runs.edit_config(
-                REGISTERED_METHODS[method], object_scene(obj, Path(record["data"])), source,
+                REGISTERED_METHODS[base], object_scene(obj, Path(record["data"])), source,
                 Path(opts.out) / "work" / method, edit["source_prompt"], edit["target_prompt"],
                 opts.sizes.run.with_edit_steps(opts.edit_steps), diffusion_model=model, controlnet_model=controlnet,
+                guidance=guidance,
             )
             cfg.experiment_name = seeded(edit["id"], seed)
             cfg.machine.seed = seed
@@ -263,6 +265,9 @@ class ThreestudioBackend:
         from piva.threestudio import backend
 
         opts = self.opts
+        if method_variant(method)[1]:
+            raise NotAvailable(f"{method} with the threestudio backend: sweeps run in nerfstudio (or set the knob "
+                               "in the extension's YAML, system.guidance.<knob>)")
         if method == "no-edit":
             raise NotAvailable("no-edit with the threestudio backend: read the '-original' renders of any edit")
         if method in SPLAT_METHODS:
@@ -347,7 +352,8 @@ def run_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict, 
     device = opts.device
     result = {
         "edit": edit, "method": method, "seed": seed, "preset": opts.preset, "backend": opts.backend,
-        "registered_method": REGISTERED_METHODS.get(method) if opts.backend == "nerfstudio" else None,
+        "registered_method": REGISTERED_METHODS.get(method_variant(method)[0]) if opts.backend == "nerfstudio" else None,
+        "guidance_changes": method_variant(method)[1],
         "edit_steps": 0 if method == "no-edit" else opts.steps,
         "metrics": metrics, "wall_time_s": round(outcome.wall_time_s, 1), "peak_memory": memory,
         "edited_run": str(outcome.run) if outcome.run else None, "thumbnail": thumb.name,
@@ -436,10 +442,42 @@ def pending(manifest: dict, edits: list[dict], opts: RunOptions) -> list[tuple[d
             if not result_path(opts.out, m, e["id"], s).is_file()]
 
 
+def method_variant(method: str) -> tuple[str, dict]:
+    """'piva+identity_weight=0+adapter_rank=8' -> ('piva', {'identity_weight': 0.0, 'adapter_rank': 8}): a sweep
+    runs the registered method with these `GuidanceConfig` fields changed and nothing else, stored as a method of
+    its own (results/<the whole name>/), so the leaderboard pairs it with the others."""
+    import dataclasses
+
+    from piva.guidance.score import GuidanceConfig
+
+    base, *changes = method.split("+")
+    if not changes:
+        return base, {}
+    if base not in REGISTERED_METHODS:
+        raise ValueError(f"{method}: only a method that edits takes GuidanceConfig changes "
+                         f"({', '.join(REGISTERED_METHODS)}), e.g. piva+identity_weight=0")
+    fields = {f.name: f for f in dataclasses.fields(GuidanceConfig)}
+    defaults = GuidanceConfig()
+    out = {}
+    for change in changes:
+        key, eq, text = change.partition("=")
+        if not eq or key not in fields or key in ("mode", "source_prompt", "target_prompt"):
+            raise ValueError(f"{method}: '{change}' is not KEY=VALUE of a GuidanceConfig knob; knobs: "
+                             + ", ".join(k for k in fields if k not in ("mode", "source_prompt", "target_prompt")))
+        default = getattr(defaults, key)
+        kind = type(default) if default is not None else float
+        try:
+            out[key] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
+        except (TypeError, ValueError):
+            raise ValueError(f"{method}: {key} takes a {kind.__name__}, not {text!r}") from None
+    return base, out
+
+
 def check_methods(methods: Sequence[str]) -> None:
-    bad = [m for m in methods if m not in METHODS + SPLAT_METHODS]
+    bad = [m for m in methods if method_variant(m)[0] not in METHODS + SPLAT_METHODS]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}: choose from {', '.join(METHODS + SPLAT_METHODS)}")
+        raise ValueError(f"unknown method(s) {bad}: choose from {', '.join(METHODS + SPLAT_METHODS)} "
+                         "(a sweep: piva+KNOB=VALUE, e.g. piva+identity_weight=0)")
 
 
 def rescore_benchmark(manifest: dict, edits: list[dict], opts: RunOptions) -> dict:
