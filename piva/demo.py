@@ -110,6 +110,7 @@ def run_demo(
     cfg = runs.edit_config(registered, scene, source_run / "nerfstudio_models", scene_dir / "edits", source, target,
                            size, diffusion_model=str(PRIOR_DIR), controlnet_model=str(CONTROLNET_DIR),
                            edit_geometry=edit_geometry)
+    cfg.machine.seed = seed  # one seed for the scene and the edit's draws
     cfg.experiment_name = f"{_slug(target)}-{tag}-{_key(steps=edit_steps, geometry=edit_geometry)}"
     edit_run = runs.edit(cfg)
     timings["edit_s"] = round(time.perf_counter() - t0 - timings["source_scene_s"], 1)

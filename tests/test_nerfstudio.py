@@ -281,6 +281,39 @@ def test_one_pass_render_gives_the_two_pass_gradient_in_an_edit_step(scene, tiny
         torch.testing.assert_close(one_pass, two_pass, rtol=1e-4, atol=1e-7)
 
 
+def test_the_run_seed_sets_the_edit_draws(scene, tiny_dir, tmp_path):
+    """--machine.seed reaches the edit's view, timestep and noise draws (a benchmark seed must be another run, not
+    the same draws again): one seed draws the same views and timesteps twice, another seed other ones."""
+    from piva.nerfstudio.piva_trainer import PivaTrainer
+
+    for explicit, expected in ((None, 5), (3, 3)):
+        cfg = runs.edit_config("piva-object", toy_object_scene(scene["data"]), scene["nerfacto"], tmp_path,
+                               "a red cube", "a red sphere", SIZE, str(tiny_dir), str(tiny_dir / "controlnet"))
+        cfg.machine.seed, cfg.pipeline.seed = 5, explicit
+        PivaTrainer(cfg)
+        assert cfg.pipeline.seed == expected
+    _, pipeline, step0 = _loaded_edit_pipeline(scene, tiny_dir, 2)
+    score = pipeline.guidance.step
+    timesteps = []
+
+    def spy(x, **kw):
+        out = score(x, **kw)
+        timesteps.append(out.t)
+        return out
+
+    pipeline.guidance.step = spy
+    draws = []
+    for seed in (0, 1, 0):
+        pipeline.config.seed = seed
+        timesteps.clear()
+        views = []
+        for k in range(3):
+            pipeline.get_train_loss_dict(step0 + 1 + k)
+            views.append(pipeline.last_diagnostics["camera"])
+        draws.append((views, list(timesteps)))
+    assert draws[0] == draws[2] and draws[0] != draws[1], draws
+
+
 def test_field_mlps_get_their_own_optimizer_group():
     """separate_mlp_group: hash grids stay in `fields`, every field MLP weight goes to `field_mlps`, none lost."""
     import torch

@@ -72,8 +72,9 @@ class PivaPipelineConfig(VanillaPipelineConfig):
     """Rays rendered (and backpropagated) at once; lower it to save memory."""
     depth_far: float = float("inf")
     """Depths beyond this count as background for the depth ControlNet (so do pixels with opacity < 0.5)."""
-    seed: int = 0
-    """Seed of camera, timestep and noise sampling."""
+    seed: Optional[int] = None
+    """Seed of camera, timestep and noise sampling, and of the renders' sample jitter. None: the run's
+    `--machine.seed`, so that one seed sets every draw of a run (a benchmark seed is a different run)."""
     views_per_step: int = 1
     """Training views scored together in each edit step (1: the paper). The score's loss is a mean
     over them, so the scene moves by the views' average, not by one view's; on a GPU the
@@ -266,7 +267,9 @@ class PivaPipeline(VanillaPipeline):
         self.model.edit_step = edit_step
         self.model.growing = edit_step < (self.config.guidance.target_only_steps or 0)
         self._reset_colour(edit_step)
-        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        seed = self.config.seed or 0  # None outside a trainer (PivaTrainer resolves it)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + step) % 2**48)
+        render_seed = (seed * 1_000_003 ** 2 + step) % 2**40  # view k: + k * 1_000_003
 
         # The field's own ray batch keeps the proposal networks tracking the edited density
         # (interlevel/distortion losses); the photometric loss is dropped: it would undo the edit.
@@ -289,7 +292,7 @@ class PivaPipeline(VanillaPipeline):
         # one forward a view instead of two, the same memory bound.
         keep = not self.renders_splats and len(cams) * int(cams[0][0].width.item()) * int(cams[0][0].height.item()) \
             <= self.config.rays_per_chunk
-        currents = [self._render(cam, seed=step + k * 1_000_003, keep_graph=keep) for k, cam in enumerate(cams)]
+        currents = [self._render(cam, seed=render_seed + k * 1_000_003, keep_graph=keep) for k, cam in enumerate(cams)]
         x = torch.stack([c["rgb"].permute(2, 0, 1) for c in currents]).detach().requires_grad_(True)
         x_in = self.guidance.fit_to_model(x).clamp(0, 1)
         depth = self.guidance.fit_to_model(
@@ -305,7 +308,7 @@ class PivaPipeline(VanillaPipeline):
             if "rgb_graph" in currents[k]:
                 currents[k].pop("rgb_graph").backward(grad_image[k].permute(1, 2, 0).reshape(-1, 3))
             else:
-                self._render(cam, grad_rgb=grad_image[k].permute(1, 2, 0).contiguous(), seed=step + k * 1_000_003)
+                self._render(cam, grad_rgb=grad_image[k].permute(1, 2, 0).contiguous(), seed=render_seed + k * 1_000_003)
         adapter_losses = self.guidance.update_adapters(
             x_in.detach(), depth=depth, source_rgb=src_rgb, source_depth=src_depth, generator=g
         )

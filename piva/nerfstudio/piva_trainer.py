@@ -38,6 +38,8 @@ class PivaTrainer(Trainer):
             config.pipeline.guidance.validate()
         except ValueError as exc:
             _fail(f"{exc} (set --pipeline.guidance.source-prompt / --pipeline.guidance.target-prompt)")
+        if getattr(config.pipeline, "seed", 0) is None:  # the edit's draws follow --machine.seed
+            config.pipeline.seed = config.machine.seed
         super().__init__(config, *args, **kwargs)
 
     def setup(self, test_mode="val") -> None:
