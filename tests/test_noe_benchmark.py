@@ -261,10 +261,14 @@ def test_a_sweep_variant_is_the_registered_method_with_only_its_knobs_changed(tm
 
     assert method_variant("piva+identity_weight=0+adapter_rank=8") == ("piva", {"identity_weight": 0.0, "adapter_rank": 8})
     assert method_variant("dds") == ("dds", {})
+    assert method_variant("dds+same_latent=true+pixel_gradient=decoded+anneal_step=100") == (  # Optional, Literal
+        "dds", {"same_latent": True, "pixel_gradient": "decoded", "anneal_step": 100})
     check_methods(["piva+identity_weight=1.5", "dds+noise_draws=2", "no-edit"])
     for bad, why in (("piva+identity_weight", "KEY=VALUE"), ("piva+lambda=1", "not KEY=VALUE"),
                      ("piva+adapter_rank=x", "takes a int"), ("no-edit+identity_weight=0", "only a method that edits"),
-                     ("piva+mode=dds", "not KEY=VALUE"), ("pivaa", "unknown method")):
+                     ("piva+mode=dds", "not KEY=VALUE"), ("pivaa", "unknown method"),
+                     ("dds+same_latent=yes", "true or false"), ("piva+pixel_gradient=x", "one of encoder, decoded"),
+                     ("piva+t_range=0.1", "not KEY=VALUE")):
         with pytest.raises(ValueError, match=why):
             check_methods([bad])
     base, knobs = method_variant("piva+identity_weight=0")

@@ -447,6 +447,7 @@ def method_variant(method: str) -> tuple[str, dict]:
     runs the registered method with these `GuidanceConfig` fields changed and nothing else, stored as a method of
     its own (results/<the whole name>/), so the leaderboard pairs it with the others."""
     import dataclasses
+    import typing
 
     from piva.guidance.score import GuidanceConfig
 
@@ -456,20 +457,34 @@ def method_variant(method: str) -> tuple[str, dict]:
     if base not in REGISTERED_METHODS:
         raise ValueError(f"{method}: only a method that edits takes GuidanceConfig changes "
                          f"({', '.join(REGISTERED_METHODS)}), e.g. piva+identity_weight=0")
-    fields = {f.name: f for f in dataclasses.fields(GuidanceConfig)}
-    defaults = GuidanceConfig()
+    hints = typing.get_type_hints(GuidanceConfig)
+    knobs = {}
+    for f in dataclasses.fields(GuidanceConfig):  # the scalar knobs; Optional[X] takes an X
+        hint = hints[f.name]
+        kinds = [k for k in typing.get_args(hint) if k is not type(None)] if typing.get_origin(hint) is typing.Union \
+            else [hint]
+        if f.name not in ("mode", "source_prompt", "target_prompt") and len(kinds) == 1 and \
+                (kinds[0] in (bool, int, float, str) or typing.get_origin(kinds[0]) is typing.Literal):
+            knobs[f.name] = kinds[0]
     out = {}
     for change in changes:
         key, eq, text = change.partition("=")
-        if not eq or key not in fields or key in ("mode", "source_prompt", "target_prompt"):
-            raise ValueError(f"{method}: '{change}' is not KEY=VALUE of a GuidanceConfig knob; knobs: "
-                             + ", ".join(k for k in fields if k not in ("mode", "source_prompt", "target_prompt")))
-        default = getattr(defaults, key)
-        kind = type(default) if default is not None else float
-        try:
-            out[key] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
-        except (TypeError, ValueError):
-            raise ValueError(f"{method}: {key} takes a {kind.__name__}, not {text!r}") from None
+        if not eq or key not in knobs:
+            raise ValueError(f"{method}: '{change}' is not KEY=VALUE of a GuidanceConfig knob; knobs: " + ", ".join(knobs))
+        kind = knobs[key]
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{method}: {key} takes true or false, not {text!r}")
+            out[key] = text.lower() in ("true", "1")
+        elif typing.get_origin(kind) is typing.Literal:
+            if text not in typing.get_args(kind):
+                raise ValueError(f"{method}: {key} takes one of {', '.join(typing.get_args(kind))}, not {text!r}")
+            out[key] = text
+        else:
+            try:
+                out[key] = kind(text)
+            except ValueError:
+                raise ValueError(f"{method}: {key} takes a {kind.__name__}, not {text!r}") from None
     return base, out
 
 
