@@ -446,7 +446,6 @@ def method_variant(method: str) -> tuple[str, dict]:
     """'piva+identity_weight=0+adapter_rank=8' -> ('piva', {'identity_weight': 0.0, 'adapter_rank': 8}): a sweep
     runs the registered method with these `GuidanceConfig` fields changed and nothing else, stored as a method of
     its own (results/<the whole name>/), so the leaderboard pairs it with the others."""
-    import dataclasses
     import typing
 
     from piva.guidance.score import GuidanceConfig
