@@ -113,6 +113,7 @@ def test_edit_writes_adapters_and_resumes(scene, tiny_dir):
     first = state["step"]
     assert first == nerfacto_step + 2
     assert not list(d.parent.glob(".*tmp"))  # no temporary file left behind
+    assert len(list((scene["nerfacto"].parent / "piva_original_renders").glob("*.pt"))) == 1  # kept for the next edit
 
     res = ns_train(scene, tiny_dir, *geometry, load_dir=d, steps=2)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -279,6 +280,52 @@ def test_one_pass_render_gives_the_two_pass_gradient_in_an_edit_step(scene, tiny
     assert any(g.abs().sum() > 0 for g in grads[0])
     for one_pass, two_pass in zip(*grads):
         torch.testing.assert_close(one_pass, two_pass, rtol=1e-4, atol=1e-7)
+
+
+def test_original_renders_are_kept_beside_the_source_run_for_the_next_edit(scene, tiny_dir, tmp_path):
+    """A second edit of the same scene (another caption, another edit type) loads the first edit's renders of the
+    original scene instead of rendering again; what it loads equals a fresh render; another render size, or a
+    changed checkpoint, is another file."""
+    models = tmp_path / "source" / "nerfstudio_models"
+    shutil.copytree(scene["nerfacto"], models)
+    ckpt = next(models.glob("*.ckpt"))
+
+    def pipeline_for(target: str, keep: bool = True):
+        cfg = runs.edit_config("piva-object", toy_object_scene(scene["data"]), models, tmp_path / "unused",
+                               "a red cube", target, SIZE, str(tiny_dir), str(tiny_dir / "controlnet"))
+        cfg.pipeline.cache_original_renders = keep
+        pipeline = cfg.pipeline.setup(device="cpu", test_mode="val", world_size=1, local_rank=0)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        pipeline.load_pipeline(state["pipeline"], state["step"])
+        pipeline.source_checkpoint = ckpt
+        return pipeline
+
+    first = pipeline_for("a red sphere")  # a shape edit: edit_geometry True
+    first._cache_original_renders()
+    kept = first.original_renders_file()
+    assert kept.parent == tmp_path / "source" / "piva_original_renders" and kept.is_file()
+
+    second = pipeline_for("a blue cube")  # a colour edit: edit_geometry False, a train-only difference
+    assert second.original_renders_file() == kept
+
+    def no_render(*args, **kwargs):
+        raise AssertionError("the second edit rendered the original scene again")
+
+    second._render = no_render
+    second._cache_original_renders()
+    fresh = pipeline_for("a blue cube", keep=False)
+    assert fresh.original_renders_file() is None
+    fresh._cache_original_renders()
+    assert torch.equal(second.original_rgb, fresh.original_rgb) and torch.equal(second.original_depth, fresh.original_depth)
+    assert len(list(kept.parent.iterdir())) == 1  # nothing else written, no temporary left
+
+    fresh.config.render_short_side = 16
+    assert fresh.original_renders_file() is None  # off stays off
+    second.config.render_short_side = 16
+    assert second.original_renders_file() not in (None, kept)
+    second.config.render_short_side = first.config.render_short_side
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))  # the source run trained on
+    assert second.original_renders_file() != kept
 
 
 def test_the_run_seed_sets_the_edit_draws(scene, tiny_dir, tmp_path):

@@ -125,6 +125,7 @@ class PivaTrainer(Trainer):
             CONSOLE.print(f"[piva] resuming the edit from {path} at step {self._start_step}")
         else:
             # A fresh edit: the reconstruction run's optimizer states and schedules do not apply.
+            self.pipeline.source_checkpoint = path
             CONSOLE.print(f"[piva] starting an edit from {path} (step {state['step']})")
 
     def save_checkpoint(self, step: int) -> None:
