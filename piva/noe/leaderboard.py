@@ -151,10 +151,10 @@ def paired(rows: list[dict], a: str = "piva", b: str = "dds", resamples: int = 2
 
 
 def paired_with_dds(rows: list[dict]) -> list[dict]:
-    """`paired` for PiVa against DDS, and for each sweep variant (METHOD+KNOB=VALUE) against DDS and PiVa
-    against it: e.g. dds+same_latent=true isolates the identity term from the shared latent."""
+    """`paired` for PiVa against DDS (then SDS), and for each sweep variant (METHOD+KNOB=VALUE) against DDS and
+    PiVa against it: e.g. dds+same_latent=true isolates the identity term from the shared latent."""
     variants = sorted({r["method"] for r in rows if "+" in r["method"]})
-    pairs = [("piva", "dds")] + [p for v in variants for p in ((v, "dds"), ("piva", v))]
+    pairs = [("piva", "dds"), ("piva", "sds")] + [p for v in variants for p in ((v, "dds"), ("piva", v))]
     return [p for a, b in pairs for p in paired(rows, a, b)]
 
 
@@ -162,7 +162,7 @@ def _paired_lines(rows: list[dict]) -> list[str]:
     pairs = paired_with_dds(rows)
     if not pairs:
         return []
-    lines = ["", "## PiVa − DDS on the same edits (paired; 95 % bootstrap interval over edits)", "",
+    lines = ["", "## PiVa − DDS (and − SDS) on the same edits (paired; 95 % bootstrap interval over edits)", "",
              "| difference | edits | figure | pairs | mean difference | 95 % interval |", "|---|---|---|---|---|---|"]
     for p in pairs:
         lines.append(f"| {p['method']} | {p['subset']} | {p['figure']} | {p['n']} | {_fmt(p['mean'])} | {_interval(p)} |")
@@ -313,7 +313,7 @@ def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], re
 
     pairs = paired_with_dds(rows)
     paired_table = "" if not pairs else (
-        "<h2>PiVa − DDS on the same edits (paired; 95 % bootstrap interval over edits)</h2>"
+        "<h2>PiVa − DDS (and − SDS) on the same edits (paired; 95 % bootstrap interval over edits)</h2>"
         "<table><tr><th>difference</th><th>edits</th><th>figure</th><th>pairs</th><th>mean difference</th><th>95 % interval</th></tr>"
         + "".join(f"<tr><td>{e(p['method'])}</td><td>{e(p['subset'])}</td><td>{e(p['figure'])}</td><td>{p['n']}</td>"
                   f"<td>{_fmt(p['mean'])}</td>"
