@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent
 def main(argv=None) -> int:
     from piva.noe.prepare import PrepareOptions
     from piva.noe.presets import PRESETS
-    from piva.noe.runner import METHODS, SPLAT_METHODS, RunOptions, rescore_benchmark, run_benchmark, select_edits
+    from piva.noe.runner import (METHODS, SPLAT_METHODS, RunOptions, default_workers, rescore_benchmark, run_benchmark,
+                                  select_edits)
     from piva.noe.validate import ManifestError, validate
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,9 +50,10 @@ def main(argv=None) -> int:
     p.add_argument("--backend", choices=["nerfstudio", "threestudio"], default="nerfstudio")
     p.add_argument("--threestudio", type=Path, help="threestudio checkout (with --backend threestudio)")
     p.add_argument("--ray", metavar="ADDRESS", help="run edits as Ray tasks: 'auto', 'local' or a cluster address")
-    p.add_argument("--workers", type=int, default=1,
-                   help="edits run at once in local processes, the CPU threads shared out (toy preset on 2 cores: "
-                        "2 finish ~1.5x the edits an hour)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="edits run at once in local processes, the CPU threads shared out (default: the toy preset "
+                        "on CPU with nerfstudio, one per core up to 4, as on 2 cores 2 finish ~1.5x the edits an "
+                        "hour; else 1)")
     p.add_argument("--leaderboard-only", action="store_true", help="rebuild the pages from stored results")
     p.add_argument("--rescore", action="store_true",
                    help="measure the stored results again with the current metrics (their runs are rendered again, "
@@ -100,7 +102,8 @@ def main(argv=None) -> int:
             summary = rescore_benchmark(manifest, edits, opts)
             print(f"[noe] measured again: {summary['rescored']}; leaderboards: {summary['markdown']}")
         else:
-            summary = run_benchmark(manifest, edits, opts, ray_address=a.ray, workers=a.workers)
+            workers = a.workers if a.workers is not None else 1 if a.ray else default_workers(opts)
+            summary = run_benchmark(manifest, edits, opts, ray_address=a.ray, workers=workers)
     except ValueError as exc:
         print(f"piva: error: {exc}", file=sys.stderr)
         return 2

@@ -344,7 +344,7 @@ def test_paired_piva_minus_dds_with_a_bootstrap_interval(tmp_path):
     assert by_type["n"] == 4 and by_type["mean"] == pytest.approx(right["mean"])
     assert ("addi", "psnr") not in pairs and not any(s == "text" for s, _ in pairs)
     md = Path(write_leaderboards(tmp_path, "test")["markdown"]).read_text()
-    assert "PiVa − DDS on the same edits" in md and "| success ↑ | bg PSNR ↑ |" in md
+    assert "PiVa − DDS (and − SDS) on the same edits" in md and "| success ↑ | bg PSNR ↑ |" in md
     # a sweep variant is paired with DDS, and PiVa with it (what the variant leaves out is what PiVa adds)
     bg_variant = [30.5, 31.0, 30.0, 33.0, 29.0]
     for i in range(5):
@@ -358,6 +358,13 @@ def test_paired_piva_minus_dds_with_a_bootstrap_interval(tmp_path):
     assert pairs[("piva − dds+same_latent=true", "all ", key)]["mean"] == pytest.approx(
         np.mean(np.array(bg_piva) - bg_variant))
     assert pairs[("dds+same_latent=true − dds", "both", key)]["n"] == 4  # e2: DDS failed it
+    assert not any(m == "piva − sds" for m, _, _ in pairs)  # no SDS results: no such rows
+    bg_sds = [28.0, 30.0, 29.0, 30.0, 27.0]
+    for i in range(5):
+        _fake_result(tmp_path, "sds", f"e{i}", "addition", 0.3, 0.1,
+                     toy={"judge_success_rate": 0.95, "background_psnr_vs_original": bg_sds[i]})
+    pairs = {(p["method"], p["subset"][:4], p["figure"]): p for p in paired_with_dds(load_results(tmp_path))}
+    assert pairs[("piva − sds", "all ", key)]["mean"] == pytest.approx(np.mean(np.array(bg_piva) - bg_sds))
 
 
 def test_comparison_grid_puts_each_methods_edit_in_its_column(tmp_path):
@@ -453,7 +460,7 @@ def test_seeds_are_runs_of_their_own_and_pair_only_with_the_same_seed(tmp_path):
 def test_toy_benchmark_end_to_end_resumes_after_a_kill(tmp_path):
     """Seed 1 (not the registered config's 42, nor the plain-named seed 0): its own result files and run."""
     out = tmp_path / "noe"
-    first = _run(out, "--methods", "no-edit,piva", "--seeds", "1")
+    first = _run(out, "--methods", "no-edit,piva", "--seeds", "1", "--workers", "1")  # one by one: no-edit first
     done_ref = out / "results" / "no-edit" / "toy-red-cube-texturing-0@seed1.json"
     ckpts = out / "work" / "piva" / "toy-red-cube-texturing-0@seed1" / "piva-object" / "run" / "nerfstudio_models"
     deadline = time.time() + 900
@@ -468,7 +475,7 @@ def test_toy_benchmark_end_to_end_resumes_after_a_kill(tmp_path):
     source_mtime = source_ckpt.stat().st_mtime_ns
     assert not (out / "results" / "piva").exists() or not list((out / "results" / "piva").glob("*.json"))
 
-    second = _run(out, "--methods", "no-edit,piva", "--seeds", "1")
+    second = _run(out, "--methods", "no-edit,piva", "--seeds", "1", "--workers", "1")
     log = second.communicate(timeout=900)[0]
     assert second.returncode == 0, log
     assert "1 of 2 edits already done" in log
@@ -479,6 +486,8 @@ def test_toy_benchmark_end_to_end_resumes_after_a_kill(tmp_path):
     steps = sorted(int(p.stem.split("-")[1]) for p in ckpts.glob("step-*.ckpt"))
     state = torch.load(ckpts / f"step-{steps[-1]:09d}.ckpt", map_location="cpu", weights_only=False)
     assert steps[-1] - state["pipeline"]["piva.meta"]["edit_start_step"] == 8 - 1  # 8 steps in all, none twice
+    # The resumed edit's time is not an edit's time: kept apart, out of the leaderboard's time column.
+    assert piva["wall_time_s"] is None and 1 <= piva["resumed_after_steps"] < 8 and piva["wall_time_after_resume_s"] > 0
     m = piva["metrics"]
     assert m["views"] == 8 and "judge_score" in m and "clip" in m["unavailable"]
     assert piva["registered_method"] == "piva-object"  # the benchmark runs the registered method
@@ -527,6 +536,7 @@ def test_toy_benchmark_end_to_end_resumes_after_a_kill(tmp_path):
     fourth = _run(out, "--methods", "no-edit", "--seeds", "1,2,3", "--workers", "2")
     log = fourth.communicate(timeout=600)[0]
     assert fourth.returncode == 0 and "1 of 3 edits already done" in log and "[noe] 2 worker processes" in log, log
+    assert "the source scenes of 1 object(s) first" in log
     for seed in (2, 3):
         again = json.loads((out / "results" / "no-edit" / f"toy-red-cube-texturing-0@seed{seed}.json").read_text())
         figures = {k: v for k, v in noedit["toy"].items() if isinstance(v, float)}
@@ -604,6 +614,18 @@ def _prepare_in_child(root: str, counter: str) -> None:
     preset = dataclasses.replace(get_preset("toy"), capture_views=12, capture_size=16)
     obj = {"id": "toy-red-cube", "source": "toyworld", "source_prompt": "a red cube"}
     prepare.prepare_object(obj, prepare.PrepareOptions(root=Path(root), preset=preset), train=False)
+
+
+def test_default_workers_follow_the_preset_device_and_backend(monkeypatch):
+    from piva.noe import runner
+
+    monkeypatch.setattr(runner, "available_cores", lambda: 2)
+    assert runner.default_workers(runner.RunOptions(out=Path("x"), preset="toy")) == 2  # measured: 1.5x an hour
+    assert runner.default_workers(runner.RunOptions(out=Path("x"), preset="toy", backend="threestudio")) == 1
+    monkeypatch.setattr(runner, "available_cores", lambda: 16)
+    assert runner.default_workers(runner.RunOptions(out=Path("x"), preset="toy")) == 4
+    monkeypatch.setattr(runner.RunOptions, "device", property(lambda self: "cuda"))
+    assert runner.default_workers(runner.RunOptions(out=Path("x"), preset="toy")) == 1
 
 
 def test_parallel_workers_prepare_an_object_once(tmp_path):
