@@ -98,7 +98,7 @@ class PivaPipelineConfig(VanillaPipelineConfig):
     """Keep the original scene's renders (RGB and depth of every training camera) in
     `piva_original_renders/` beside the source run's nerfstudio_models, keyed by the checkpoint file, the
     cameras and the render settings: a further edit of the same scene loads them instead of rendering
-    again (toy benchmark: ~15 s of every edit on one CPU thread). False: render every time, write nothing."""
+    again (toy benchmark: 11–13 s of every edit on one CPU thread). False: render every time, write nothing."""
 
     reset_colour_after_growth: bool = True
     """When the target-only steps end, put the colour head (nerfacto's `mlp_head` and appearance embedding)
