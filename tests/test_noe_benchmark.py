@@ -304,9 +304,14 @@ def test_leaderboard_means_per_method_and_type(tmp_path):
     _fake_result(tmp_path, "dds", "e1", "texturing", 0.25, 0.40)
     pages = write_leaderboards(tmp_path, "test")
     md = Path(pages["markdown"]).read_text()
-    assert "| piva | 2 | 0.2500 |" in md  # mean CLIP of 0.30 and 0.20
-    assert "| dds | 1 | 0.2500 |" in md
-    assert "| piva | addition | 1 | 0.2000 |" in md
+    assert "| piva | 2 | 0 | 0.2500 |" in md  # mean CLIP of 0.30 and 0.20
+    assert "| dds | 1 | 0 | 0.2500 |" in md
+    assert "| piva | addition | 1 | 0 | 0.2000 |" in md
+    # a second seed of one method: its rows say they cover other draws than the others'
+    _fake_result(tmp_path, "piva", "e1", "texturing", 0.40, 0.10, seed=1)
+    md = Path(write_leaderboards(tmp_path, "test")["markdown"]).read_text()
+    assert "| piva | 3 | 0,1 | 0.3000 |" in md and "| dds | 1 | 0 | 0.2500 |" in md
+    assert "| piva | texturing | 2 | 0,1 | 0.3500 |" in md
     # the paper's Noe rows only where they compare: the Noe manifest
     assert "(reported" not in md and "(reported" not in Path(pages["html"]).read_text()
     pages = write_leaderboards(tmp_path, "noe", reported=True)

@@ -69,7 +69,8 @@ def aggregate(rows: list[dict], by: tuple[str, ...]) -> dict:
                     and not (isinstance(i["values"][col], float) and math.isnan(i["values"][col]))]
             if vals:
                 means[col] = statistics.fmean(vals)
-        table[key] = {"n": len(items), **means}
+        # Rows over different seeds are different draws: the seeds column says which (the paired tables match them).
+        table[key] = {"n": len(items), "seeds": ",".join(str(x) for x in sorted({i.get("seed", 0) for i in items})), **means}
     return table
 
 
@@ -94,16 +95,18 @@ def markdown(rows: list[dict], manifest_name: str, reported: bool = False, grid_
     lines = [f"# {manifest_name}: leaderboard", ""]
     lines += ["Models: " + ("; ".join(f"{k}: {v}" for k, v in sorted(models.items())) or "none")]
     lines += [f"Not computed: {k} ({v})" for k, v in sorted(missing.items())]
-    lines += ["", "## Per method", "", "| method | edits | " + " | ".join(h for _, h, _ in cols) + " |",
-              "|---|---|" + "---|" * len(cols)]
-    for (method,), row in by_method.items():
-        lines.append(f"| {method} | {row['n']} | " + " | ".join(_fmt(row.get(c)) for c, _, _ in cols) + " |")
-    for method, row in REPORTED.items() if reported else ():
-        lines.append(f"| {method} (reported, paper table 2) | 112 | " + " | ".join(_fmt(row.get(c)) for c, _, _ in cols) + " |")
-    lines += ["", "## Per method and edit type", "", "| method | type | edits | " + " | ".join(h for _, h, _ in cols) + " |",
+    lines += ["", "## Per method", "", "| method | edits | seeds | " + " | ".join(h for _, h, _ in cols) + " |",
               "|---|---|---|" + "---|" * len(cols)]
+    for (method,), row in by_method.items():
+        lines.append(f"| {method} | {row['n']} | {row['seeds']} | " + " | ".join(_fmt(row.get(c)) for c, _, _ in cols) + " |")
+    for method, row in REPORTED.items() if reported else ():
+        lines.append(f"| {method} (reported, paper table 2) | 112 | – | " + " | ".join(_fmt(row.get(c)) for c, _, _ in cols) + " |")
+    lines += ["", "## Per method and edit type", "",
+              "| method | type | edits | seeds | " + " | ".join(h for _, h, _ in cols) + " |",
+              "|---|---|---|---|" + "---|" * len(cols)]
     for (method, kind), row in by_type.items():
-        lines.append(f"| {method} | {kind} | {row['n']} | " + " | ".join(_fmt(row.get(c)) for c, _, _ in cols) + " |")
+        lines.append(f"| {method} | {kind} | {row['n']} | {row['seeds']} | "
+                     + " | ".join(_fmt(row.get(c)) for c, _, _ in cols) + " |")
     lines += _paired_lines(rows)
     recon = reconstructions(rows)
     if recon:
@@ -300,14 +303,15 @@ def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], re
     e = html.escape
 
     def table(agg: dict, keys: list[str], paper_rows: bool) -> str:
-        head = "".join(f"<th>{e(k)}</th>" for k in keys) + "<th>edits</th>" + "".join(f"<th>{e(h)}</th>" for _, h, _ in cols)
+        head = ("".join(f"<th>{e(k)}</th>" for k in keys) + "<th>edits</th><th>seeds</th>"
+                + "".join(f"<th>{e(h)}</th>" for _, h, _ in cols))
         body = []
         for key, row in agg.items():
-            body.append("<tr>" + "".join(f"<td>{e(str(k))}</td>" for k in key) + f"<td>{row['n']}</td>"
+            body.append("<tr>" + "".join(f"<td>{e(str(k))}</td>" for k in key) + f"<td>{row['n']}</td><td>{row['seeds']}</td>"
                         + "".join(f"<td>{_fmt(row.get(c))}</td>" for c, _, _ in cols) + "</tr>")
         if paper_rows:
             for method, row in REPORTED.items():
-                body.append(f"<tr class='reported'><td>{method} (reported, paper)</td><td>112</td>"
+                body.append(f"<tr class='reported'><td>{method} (reported, paper)</td><td>112</td><td>–</td>"
                             + "".join(f"<td>{_fmt(row.get(c))}</td>" for c, _, _ in cols) + "</tr>")
         return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
