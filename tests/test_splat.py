@@ -5,18 +5,23 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from piva.nerfstudio import splat_cpu
 
 
-def _hand_render(means, scales, opacities, colors, f, c, size, background):
-    """Isotropic Gaussians seen by a camera at the origin looking down +z (OpenCV), pixel by pixel."""
+def _hand_render(means, scales, opacities, colors, f, c, size, background, antialiased=False):
+    """Isotropic Gaussians seen by a camera at the origin looking down +z (OpenCV), pixel by pixel.
+    `antialiased` scales each opacity by sqrt(det Σ / det(Σ + 0.3 I)) (Mip-Splatting's 2D filter, gsplat's mode)."""
     gaussians = []
     for m, s, o, col in zip(means, scales, opacities, colors):
         x, y, z = m
         J = np.array([[f / z, 0, -f * x / z**2], [0, f / z, -f * y / z**2]])
-        cov = s**2 * J @ J.T + 0.3 * np.eye(2)  # EWA splat plus gsplat's 0.3 px^2 blur
+        splat = s**2 * J @ J.T
+        cov = splat + 0.3 * np.eye(2)  # EWA splat plus gsplat's 0.3 px^2 blur
+        if antialiased:
+            o = o * math.sqrt(np.linalg.det(splat) / np.linalg.det(cov))
         gaussians.append((z, np.array([f * x / z + c, f * y / z + c]), np.linalg.inv(cov), o, np.array(col)))
     gaussians.sort(key=lambda g: g[0])  # nearest first
     rgb = np.zeros((size, size, 3))
@@ -40,23 +45,28 @@ def _hand_render(means, scales, opacities, colors, f, c, size, background):
     return rgb, depth, acc
 
 
-def test_rasteriser_matches_a_hand_computation():
-    means = [(0.0, 0.0, 2.0), (0.15, 0.05, 3.0), (-0.2, 0.1, 2.5)]
-    scales = [0.1, 0.2, 0.08]
-    opacities = [0.8, 0.6, 0.9]
-    colors = [(1.0, 0.1, 0.1), (0.1, 0.2, 1.0), (0.2, 0.9, 0.3)]
+@pytest.mark.parametrize("antialiased", [False, True])
+def test_rasteriser_matches_a_hand_computation(antialiased):
+    means = [(0.0, 0.0, 2.0), (0.15, 0.05, 3.0), (-0.2, 0.1, 2.5), (0.35, -0.35, 2.0)]
+    scales = [0.1, 0.2, 0.08, 0.01]  # the last one under a pixel: the modes differ most there
+    opacities = [0.8, 0.6, 0.9, 0.9]
+    colors = [(1.0, 0.1, 0.1), (0.1, 0.2, 1.0), (0.2, 0.9, 0.3), (0.9, 0.9, 0.1)]
     f, c, size, bg = 20.0, 8.0, 16, np.array([0.92, 0.92, 0.92])
     K = torch.tensor([[f, 0, c], [0, f, c], [0, 0, 1.0]], dtype=torch.float64)
-    rgb, depth, acc = _hand_render(means, scales, opacities, colors, f, c, size, bg)
+    rgb, depth, acc = _hand_render(means, scales, opacities, colors, f, c, size, bg, antialiased=antialiased)
     assert acc.max() > 0.5 and (acc < 1e-3).mean() > 0.2  # the Gaussians overlap some pixels and miss others
     out = splat_cpu.rasterize(
-        torch.tensor(means, dtype=torch.float64), torch.tensor([[1.0, 0, 0, 0]] * 3, dtype=torch.float64),
+        torch.tensor(means, dtype=torch.float64), torch.tensor([[1.0, 0, 0, 0]] * 4, dtype=torch.float64),
         torch.tensor(scales, dtype=torch.float64)[:, None].repeat(1, 3), torch.tensor(opacities, dtype=torch.float64),
         torch.tensor(colors, dtype=torch.float64), torch.eye(4, dtype=torch.float64), K, size, size,
-        background=torch.tensor(bg))
+        background=torch.tensor(bg), antialiased=antialiased)
     np.testing.assert_allclose(out["alpha"].numpy(), acc, atol=1e-9)
     np.testing.assert_allclose(out["rgb"].numpy(), rgb, atol=1e-9)
     np.testing.assert_allclose(out["depth"].numpy(), depth, atol=1e-9)
+    # The sub-pixel Gaussian: classic keeps its peak opacity over the whole blurred footprint, antialiased
+    # scales it down to keep its mass (here by ~sqrt((0.1^2)^2 / (0.1^2 + 0.3)^2) = 0.03: under 1/255 after that).
+    peak = acc[4, 11, 0]  # its centre: pixel (11.5, 4.5)
+    assert (peak < 0.05) if antialiased else (peak > 0.5)
 
 
 def test_rasteriser_gradients_reach_every_parameter():
@@ -125,3 +135,19 @@ def test_per_pixel_lists_equal_every_pair():
         torch.testing.assert_close(out[key], want[key], atol=1e-10, rtol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, want_grads[name], atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["classic", "antialiased"])
+def test_an_edit_reads_how_the_source_splats_were_trained(tmp_path, mode):
+    """`ns-train piva-splat` draws the scene in the mode its splatfacto run was trained with: read from the
+    config.yml nerfstudio saved beside the run's nerfstudio_models folder."""
+    from piva.nerfstudio import runs
+    from piva.nerfstudio.splat_model import trained_rasterize_mode
+
+    cfg = runs.splat_source_config(runs.ObjectScene(tmp_path / "data"), tmp_path / "runs")
+    cfg.pipeline.model.rasterize_mode = mode
+    cfg.set_timestamp()
+    cfg.save_config()
+    ckpt = cfg.get_base_dir() / "nerfstudio_models" / "step-000000600.ckpt"
+    assert trained_rasterize_mode(ckpt) == mode
+    assert trained_rasterize_mode(tmp_path / "elsewhere" / "nerfstudio_models" / "step-1.ckpt") is None

@@ -32,6 +32,7 @@ def test_toy_splat_scene_recolour_keeps_the_gaussians_and_resumes(tmp_path):
     exact = torch.stack([torch.as_tensor(np.asarray(t["rgb"])).permute(2, 0, 1).float() for t in truth])
     mask = torch.stack([torch.as_tensor(np.asarray(t["alpha"])).float()[None] for t in truth])
     pipe, _ = load_pipeline(source, device="cpu")
+    assert pipe.model.config.rasterize_mode == "antialiased"  # piva's fit: drawn below 32 px without swelling
     before = render_views(pipe, views)["rgb"]
     n_source = pipe.model.num_points
     means_source = pipe.model.means.detach().clone()
@@ -60,6 +61,7 @@ def test_toy_splat_scene_recolour_keeps_the_gaussians_and_resumes(tmp_path):
     assert runs.edit_steps_done(resumed) == EDIT_STEPS + 4
     state = torch.load(resumed, map_location="cpu", weights_only=False)["pipeline"]
     assert set(state["piva.adapters"]["weights"]) == {"source", "target"}
+    assert state["piva.meta"]["rasterize_mode"] == "antialiased"  # the mode the edit drew the scene in
     steps = [int(v["step"]) for v in state["piva.adapters"]["optimizer"]["state"].values()]
     assert steps and all(s == EDIT_STEPS + 4 for s in steps)  # the adapters' AdamW continued
 

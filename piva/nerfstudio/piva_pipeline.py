@@ -157,6 +157,8 @@ class PivaPipeline(VanillaPipeline):
             "adapter_rank": self.config.guidance.adapter_rank,
             # Which parameters train decides the optimizer groups a resume must find.
             "edit_geometry": getattr(self.model.config, "edit_geometry", True),
+            # How splats are drawn is part of the scene (a fresh edit takes the source run's mode).
+            "rasterize_mode": getattr(self.model.config, "rasterize_mode", None),
         }
 
     # -- rendering --------------------------------------------------------------
@@ -395,6 +397,8 @@ class PivaPipeline(VanillaPipeline):
         if "meta" in piva:
             self.check_compatible(piva["meta"])
             self.edit_start_step = piva["meta"].get("edit_start_step")
+            if piva["meta"].get("rasterize_mode") and self.renders_splats:
+                self.model.config.rasterize_mode = piva["meta"]["rasterize_mode"]
         self.original_rgb = piva.get("original_rgb")
         self.original_depth = piva.get("original_depth")
         self.captured_colour = piva.get("captured_colour")

@@ -126,7 +126,24 @@ class PivaTrainer(Trainer):
         else:
             # A fresh edit: the reconstruction run's optimizer states and schedules do not apply.
             self.pipeline.source_checkpoint = path
+            if getattr(self.pipeline, "renders_splats", False):
+                self._follow_trained_rasterize_mode(path)
             CONSOLE.print(f"[piva] starting an edit from {path} (step {state['step']})")
+
+    def _follow_trained_rasterize_mode(self, path: Path) -> None:
+        """Draw the splats as the source run was trained (classic or antialiased): the other mode changes how
+        every Gaussian looks before the edit has done anything."""
+        from piva.nerfstudio.splat_model import trained_rasterize_mode
+
+        model_config = self.pipeline.model.config
+        trained = trained_rasterize_mode(path)
+        if trained is not None and trained != model_config.rasterize_mode:
+            CONSOLE.print(f"[piva] the source scene was trained with rasterize_mode {trained}: the edit draws it so "
+                          f"(not {model_config.rasterize_mode})")
+            model_config.rasterize_mode = trained
+        if model_config.rasterize_mode == "classic":
+            CONSOLE.print("[piva] note: classic splats swell when drawn below their training resolution, as the edit's "
+                          "views are; a source trained with --pipeline.model.rasterize-mode antialiased avoids it")
 
     def save_checkpoint(self, step: int) -> None:
         """Write to a temporary file beside the folder, then rename: a kill never leaves a broken latest checkpoint."""

@@ -21,15 +21,23 @@ ALPHA_MAX = 0.999  # and clamps alpha here
 
 
 def project(means: Tensor, quats: Tensor, scales: Tensor, viewmat: Tensor, K: Tensor, width: int, height: int,
-            near_plane: float = 0.01, far_plane: float = 1e10, eps2d: float = 0.3) -> Dict[str, Tensor]:
+            near_plane: float = 0.01, far_plane: float = 1e10, eps2d: float = 0.3,
+            antialiased: bool = False) -> Dict[str, Tensor]:
     """gsplat's pure-torch projection of N Gaussians into one camera: means2d [N,2], conics [N,3], depths [N], radii [N]
-    (and means2d_batched [1,N,2], the tensor means2d is a view of: what a densification strategy reads the gradient of)."""
+    (and means2d_batched [1,N,2], the tensor means2d is a view of: what a densification strategy reads the gradient of).
+
+    `antialiased` also returns gsplat's opacity compensation [N], sqrt(det Σ2d / det(Σ2d + eps2d I)): the blur
+    then keeps each Gaussian's footprint mass, so a scene drawn below its training resolution does not swell."""
     from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
 
     covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_covar=True, compute_preci=False, triu=False)
-    radii, means2d, depths, conics, _ = _fully_fused_projection(
-        means, covars, viewmat[None], K[None], width, height, eps2d=eps2d, near_plane=near_plane, far_plane=far_plane)
-    return {"means2d": means2d[0], "means2d_batched": means2d, "conics": conics[0], "depths": depths[0], "radii": radii[0]}
+    radii, means2d, depths, conics, compensations = _fully_fused_projection(
+        means, covars, viewmat[None], K[None], width, height, eps2d=eps2d, near_plane=near_plane, far_plane=far_plane,
+        calc_compensations=antialiased)
+    out = {"means2d": means2d[0], "means2d_batched": means2d, "conics": conics[0], "depths": depths[0], "radii": radii[0]}
+    if antialiased:
+        out["compensations"] = compensations[0]
+    return out
 
 
 def footprints(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int, height: int) -> Tuple[Tensor, Tensor]:
@@ -104,12 +112,16 @@ def composite(means2d: Tensor, conics: Tensor, depths: Tensor, radii: Tensor, op
 
 def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, colors: Tensor, viewmat: Tensor,
               K: Tensor, width: int, height: int, background: Optional[Tensor] = None,
-              near_plane: float = 0.01) -> Dict[str, Tensor]:
+              near_plane: float = 0.01, antialiased: bool = False) -> Dict[str, Tensor]:
     """One view of N Gaussians: rgb [H,W,3] on `background`, depth [H,W,1], alpha [H,W,1], and the projection.
 
     `colors` are per-Gaussian RGB [N,3] (view-independent); `viewmat` is world-to-camera (OpenCV axes,
-    as gsplat), `K` the pinhole intrinsics. `means2d` in the result keeps its gradient for densification."""
-    proj = project(means, quats / quats.norm(dim=-1, keepdim=True), scales, viewmat, K, width, height, near_plane)
+    as gsplat), `K` the pinhole intrinsics. `means2d` in the result keeps its gradient for densification.
+    `antialiased`: gsplat's (and splatfacto's) rasterize_mode "antialiased", opacities times the compensation."""
+    proj = project(means, quats / quats.norm(dim=-1, keepdim=True), scales, viewmat, K, width, height, near_plane,
+                   antialiased=antialiased)
+    if antialiased:
+        opacities = opacities * proj["compensations"]
     rgb, depth, alpha = composite(proj["means2d"], proj["conics"], proj["depths"], proj["radii"], opacities, colors,
                                   width, height)
     if background is not None:
