@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import imageio.v3 as iio
 import numpy as np
@@ -281,14 +282,14 @@ def test_a_sweep_variant_is_the_registered_method_with_only_its_knobs_changed(tm
 
 # ---------------------------------------------------------------------------- leaderboards
 def _fake_result(out: Path, method: str, edit_id: str, kind: str, clip: float, lpips: float, toy=None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, wall_time_s: Optional[float] = 1.0) -> None:
     """A stored result as run_one writes it (values chosen by hand, to check the aggregation)."""
     from piva.noe.runner import result_path, save_thumbnail
 
     edit = {"id": edit_id, "object": "o", "source_prompt": "a red cube", "target_prompt": "a blue cube",
             "instruction": "x", "type": kind}
     rec = {"edit": edit, "method": method, "seed": seed, "preset": "toy", "metrics": {"clip_score": clip, "lpips": lpips, "psnr": 20.0,
-           "models": {"clip": "test"}, **({"toy": toy} if toy else {})}, "wall_time_s": 1.0, "peak_memory": {"process_peak_rss_mb": 100.0},
+           "models": {"clip": "test"}, **({"toy": toy} if toy else {})}, "wall_time_s": wall_time_s, "peak_memory": {"process_peak_rss_mb": 100.0},
            "thumbnail": result_path(out, method, edit_id, seed).with_suffix(".png").name}
     path = result_path(out, method, edit_id, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -349,7 +350,7 @@ def test_paired_piva_minus_dds_with_a_bootstrap_interval(tmp_path):
     assert by_type["n"] == 4 and by_type["mean"] == pytest.approx(right["mean"])
     assert ("addi", "psnr") not in pairs and not any(s == "text" for s, _ in pairs)
     md = Path(write_leaderboards(tmp_path, "test")["markdown"]).read_text()
-    assert "PiVa − DDS (and − SDS) on the same edits" in md and "| success ↑ | bg PSNR ↑ |" in md
+    assert "PiVa − DDS (and − SDS; splats − NeRF) on the same edits" in md and "| success ↑ | bg PSNR ↑ |" in md
     # a sweep variant is paired with DDS, and PiVa with it (what the variant leaves out is what PiVa adds)
     bg_variant = [30.5, 31.0, 30.0, 33.0, 29.0]
     for i in range(5):
@@ -370,6 +371,20 @@ def test_paired_piva_minus_dds_with_a_bootstrap_interval(tmp_path):
                      toy={"judge_success_rate": 0.95, "background_psnr_vs_original": bg_sds[i]})
     pairs = {(p["method"], p["subset"][:4], p["figure"]): p for p in paired_with_dds(load_results(tmp_path))}
     assert pairs[("piva − sds", "all ", key)]["mean"] == pytest.approx(np.mean(np.array(bg_piva) - bg_sds))
+    # splats beside the NeRF edits: differences, and the time of each splat edit over the NeRF edit's
+    bg_splat, time_splat, time_piva = [25.0, 31.0, 29.0, 30.0], [50.0, 60.0, None, 90.0], [100.0, 200.0, 100.0, 100.0]
+    for i in range(4):  # e2's splat edit was resumed: no time, left out of the ratio
+        _fake_result(tmp_path, "piva-splat", f"e{i}", "addition", 0.3, 0.1, wall_time_s=time_splat[i],
+                     toy={"judge_success_rate": 0.9, "background_psnr_vs_original": bg_splat[i]})
+        _fake_result(tmp_path, "piva", f"e{i}", "addition", 0.3, 0.1, wall_time_s=time_piva[i],
+                     toy={"judge_success_rate": 0.9, "background_psnr_vs_original": bg_piva[i]})
+    pairs = {(p["method"], p["subset"][:4], p["figure"]): p for p in paired_with_dds(load_results(tmp_path))}
+    assert pairs[("piva-splat − piva", "all ", key)]["mean"] == pytest.approx(np.mean(np.array(bg_splat) - bg_piva[:4]))
+    ratio = pairs[("piva-splat / piva", "all ", "wall_time_s ratio")]
+    assert ratio["n"] == 3 and ratio["mean"] == pytest.approx(np.mean([0.5, 0.3, 0.9]))
+    assert not any(m == "piva-splat − dds-splat" or m.startswith("piva − piva") for m, _, _ in pairs)
+    md = Path(write_leaderboards(tmp_path, "test")["markdown"]).read_text()
+    assert "| piva-splat / piva | all shared edits | wall_time_s ratio | 3 | 0.5667 |" in md
 
 
 def test_comparison_grid_puts_each_methods_edit_in_its_column(tmp_path):

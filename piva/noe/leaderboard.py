@@ -120,13 +120,13 @@ def markdown(rows: list[dict], manifest_name: str, reported: bool = False, grid_
     return "\n".join(lines) + "\n"
 
 
-def paired(rows: list[dict], a: str = "piva", b: str = "dds", resamples: int = 2000) -> list[dict]:
+def paired(rows: list[dict], a: str = "piva", b: str = "dds", resamples: int = 2000,
+           ratios: tuple[str, ...] = ()) -> list[dict]:
     """`a` minus `b` on the same edits (same seed and cameras), per figure: the mean difference and a
     percentile-bootstrap 95 % interval over edits (None below 3 pairs); on all shared edits, and on those that
-    both methods got right (toy success >= SUCCESS), where preservation is compared at equal success."""
-    import numpy as np
-    from scipy.stats import bootstrap
-
+    both methods got right (toy success >= SUCCESS), where preservation is compared at equal success.
+    `ratios`: figures compared as a / b per edit instead (figure "KEY ratio"), e.g. the time of a splat edit
+    against the NeRF edit of the same scene."""
     by = {(r["method"], (r["edit"]["id"], r.get("seed", 0))): r["values"] for r in rows}  # an edit: (id, seed)
     shared = sorted(e for m, e in by if m == a and (b, e) in by)
     both_right = [e for e in shared if min(by[(a, e)].get("toy_judge_success_rate", -1),
@@ -143,29 +143,48 @@ def paired(rows: list[dict], a: str = "piva", b: str = "dds", resamples: int = 2
             d = [x for x in d if math.isfinite(x)]
             if not d:
                 continue
-            lo = hi = None
-            if len(d) >= 3 and max(d) > min(d):
-                ci = bootstrap((np.array(d),), np.mean, confidence_level=0.95, n_resamples=resamples,
-                               method="percentile", random_state=0).confidence_interval
-                lo, hi = float(ci.low), float(ci.high)
+            lo, hi = _bootstrap(d, resamples)
             out.append({"method": f"{a} − {b}", "subset": subset, "figure": key, "n": len(d), "mean": statistics.fmean(d),
                         "low": lo, "high": hi})
+        if subset.startswith("all") or subset.startswith("both"):
+            for key in ratios:
+                d = [by[(a, e)][key] / by[(b, e)][key] for e in edits
+                     if by[(a, e)].get(key) is not None and by[(b, e)].get(key)]  # resumed edits have no time
+                if d:
+                    lo, hi = _bootstrap(d, resamples)
+                    out.append({"method": f"{a} / {b}", "subset": subset, "figure": f"{key} ratio", "n": len(d),
+                                "mean": statistics.fmean(d), "low": lo, "high": hi})
     return out
+
+
+def _bootstrap(d: list[float], resamples: int) -> tuple[Optional[float], Optional[float]]:
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    if len(d) < 3 or max(d) == min(d):
+        return None, None
+    ci = bootstrap((np.array(d),), np.mean, confidence_level=0.95, n_resamples=resamples, method="percentile",
+                   random_state=0).confidence_interval
+    return float(ci.low), float(ci.high)
 
 
 def paired_with_dds(rows: list[dict]) -> list[dict]:
     """`paired` for PiVa against DDS (then SDS), and for each sweep variant (METHOD+KNOB=VALUE) against DDS and
-    PiVa against it: e.g. dds+same_latent=true isolates the identity term from the shared latent."""
+    PiVa against it: e.g. dds+same_latent=true isolates the identity term from the shared latent. Splat methods:
+    piva-splat against dds-splat, and each against its NeRF method on the same edits, with their time ratio."""
     variants = sorted({r["method"] for r in rows if "+" in r["method"]})
     pairs = [("piva", "dds"), ("piva", "sds")] + [p for v in variants for p in ((v, "dds"), ("piva", v))]
-    return [p for a, b in pairs for p in paired(rows, a, b)]
+    pairs += [("piva-splat", "dds-splat")]
+    found = [p for a, b in pairs for p in paired(rows, a, b)]
+    return found + [p for a, b in (("piva-splat", "piva"), ("dds-splat", "dds"))
+                    for p in paired(rows, a, b, ratios=("wall_time_s",))]
 
 
 def _paired_lines(rows: list[dict]) -> list[str]:
     pairs = paired_with_dds(rows)
     if not pairs:
         return []
-    lines = ["", "## PiVa − DDS (and − SDS) on the same edits (paired; 95 % bootstrap interval over edits)", "",
+    lines = ["", "## PiVa − DDS (and − SDS; splats − NeRF) on the same edits (paired; 95 % bootstrap interval over edits)", "",
              "| difference | edits | figure | pairs | mean difference | 95 % interval |", "|---|---|---|---|---|---|"]
     for p in pairs:
         lines.append(f"| {p['method']} | {p['subset']} | {p['figure']} | {p['n']} | {_fmt(p['mean'])} | {_interval(p)} |")
@@ -317,7 +336,7 @@ def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], re
 
     pairs = paired_with_dds(rows)
     paired_table = "" if not pairs else (
-        "<h2>PiVa − DDS (and − SDS) on the same edits (paired; 95 % bootstrap interval over edits)</h2>"
+        "<h2>PiVa − DDS (and − SDS; splats − NeRF) on the same edits (paired; 95 % bootstrap interval over edits)</h2>"
         "<table><tr><th>difference</th><th>edits</th><th>figure</th><th>pairs</th><th>mean difference</th><th>95 % interval</th></tr>"
         + "".join(f"<tr><td>{e(p['method'])}</td><td>{e(p['subset'])}</td><td>{e(p['figure'])}</td><td>{p['n']}</td>"
                   f"<td>{_fmt(p['mean'])}</td>"
