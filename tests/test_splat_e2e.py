@@ -65,6 +65,18 @@ def test_toy_splat_scene_recolour_keeps_the_gaussians_and_resumes(tmp_path):
     steps = [int(v["step"]) for v in state["piva.adapters"]["optimizer"]["state"].values()]
     assert steps and all(s == EDIT_STEPS + 4 for s in steps)  # the adapters' AdamW continued
 
+    # A geometry edit grows Gaussians on the edit's own clock, within its budget (refining every 10 steps here).
+    cfg = runs.edit_config("piva-splat", scene, source / "nerfstudio_models", tmp_path / "grow", "a red cube",
+                           "a red cube on a white plate", dataclasses.replace(size, edit_steps=GROW_STEPS),
+                           diffusion_model=str(PRIOR_DIR), controlnet_model=str(CONTROLNET_DIR), edit_geometry=True)
+    cfg.pipeline.model = dataclasses.replace(cfg.pipeline.model, warmup_length=5, refine_every=10, edit_growth_limit=1.25)
+    grown = torch.load(runs.latest_checkpoint(runs.edit(cfg) / "nerfstudio_models"), map_location="cpu",
+                       weights_only=False)["pipeline"]
+    n_grown = grown["_model.gauss_params.means"].shape[0]
+    assert grown["piva.meta"]["gaussians_at_edit_start"] == n_source
+    assert n_source < n_grown <= 1.25 * n_source, (n_source, n_grown)
+
 
 SOURCE_STEPS = 300
 EDIT_STEPS = 100
+GROW_STEPS = 40

@@ -383,7 +383,8 @@ class PivaPipeline(VanillaPipeline):
             state[STATE_PREFIX + "original_depth"] = self.original_depth
         if self.captured_colour is not None:  # a run resumed inside the growth phase still resets the colour
             state[STATE_PREFIX + "captured_colour"] = self.captured_colour
-        meta = {**self.fingerprint(), "edit_start_step": self.edit_start_step}
+        meta = {**self.fingerprint(), "edit_start_step": self.edit_start_step,
+                "gaussians_at_edit_start": getattr(self.model, "gaussians_at_edit_start", None)}
         state[STATE_PREFIX + "meta"] = meta
         if self.guidance is not None and self.guidance.adapters is not None:
             state[STATE_PREFIX + "adapters"] = self.guidance.adapters.state()
@@ -397,8 +398,10 @@ class PivaPipeline(VanillaPipeline):
         if "meta" in piva:
             self.check_compatible(piva["meta"])
             self.edit_start_step = piva["meta"].get("edit_start_step")
-            if piva["meta"].get("rasterize_mode") and self.renders_splats:
-                self.model.config.rasterize_mode = piva["meta"]["rasterize_mode"]
+            if self.renders_splats:
+                if piva["meta"].get("rasterize_mode"):
+                    self.model.config.rasterize_mode = piva["meta"]["rasterize_mode"]
+                self.model.gaussians_at_edit_start = piva["meta"].get("gaussians_at_edit_start")
         self.original_rgb = piva.get("original_rgb")
         self.original_depth = piva.get("original_depth")
         self.captured_colour = piva.get("captured_colour")
