@@ -151,3 +151,14 @@ def test_an_edit_reads_how_the_source_splats_were_trained(tmp_path, mode):
     ckpt = cfg.get_base_dir() / "nerfstudio_models" / "step-000000600.ckpt"
     assert trained_rasterize_mode(ckpt) == mode
     assert trained_rasterize_mode(tmp_path / "elsewhere" / "nerfstudio_models" / "step-1.ckpt") is None
+    # what a fresh edit does with it: the edit's model (antialiased by default) takes the source's mode
+    from types import SimpleNamespace
+
+    from piva.nerfstudio.piva_trainer import PivaTrainer
+    from piva.nerfstudio.splat_model import PivaSplatfactoModelConfig
+
+    edit_model = PivaSplatfactoModelConfig()
+    assert edit_model.rasterize_mode == "antialiased"
+    PivaTrainer._follow_trained_rasterize_mode(SimpleNamespace(pipeline=SimpleNamespace(model=SimpleNamespace(
+        config=edit_model))), ckpt)
+    assert edit_model.rasterize_mode == mode

@@ -141,11 +141,13 @@ class PivaSplatfactoModel(SplatfactoModel):
         strategy.reset_every, strategy.refine_scale2d_stop_iter = 1 << 62, 0
         if edit_step > strategy.refine_start_iter and edit_step % strategy.refine_every == 0:
             budget = int(self.config.edit_growth_limit * self.gaussians_at_edit_start) - self.num_points
-            grads = self.strategy_state["grad2d"] / self.strategy_state["count"].clamp_min(1)
-            if budget <= 0:
+            seen = self.strategy_state.get("grad2d")
+            if budget <= 0 or seen is None:  # nothing gathered yet: a resume that lands on a refinement step
                 strategy.grow_grad2d = float("inf")
-            elif int((grads > strategy.grow_grad2d).sum()) > budget:  # each grown Gaussian adds one
-                strategy.grow_grad2d = float(torch.topk(grads, budget + 1).values[-1])
+            else:
+                grads = seen / self.strategy_state["count"].clamp_min(1)
+                if int((grads > strategy.grow_grad2d).sum()) > budget:  # each grown Gaussian adds one
+                    strategy.grow_grad2d = float(torch.topk(grads, budget + 1).values[-1])
         try:
             strategy.step_post_backward(params=self.gauss_params, optimizers=self.optimizers, state=self.strategy_state,
                                         step=edit_step, info=self.info, packed=False)
