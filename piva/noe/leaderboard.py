@@ -37,6 +37,7 @@ COLUMNS = [  # (key, header, higher is better)
 # exact shapes; IoU orig = vs the original scene's own silhouette (what the edit changed).
 PAIRED = ("toy_background_psnr_vs_original", "psnr", "ssim", "toy_judge_success_rate", "judge_score", "clip_score", "lpips")
 PAIRED_BY_TYPE = ("toy_background_psnr_vs_original", "toy_judge_success_rate")
+PAIRED_HEADING = "PiVa − DDS (and − SDS; splats − NeRF) on the same edits (paired; 95 % bootstrap interval over edits)"
 SUCCESS = 0.7
 """A toy edit counts as a success for the paired comparison when the judge names the target in this share of views."""
 
@@ -184,7 +185,7 @@ def _paired_lines(rows: list[dict]) -> list[str]:
     pairs = paired_with_dds(rows)
     if not pairs:
         return []
-    lines = ["", "## PiVa − DDS (and − SDS; splats − NeRF) on the same edits (paired; 95 % bootstrap interval over edits)", "",
+    lines = ["", f"## {PAIRED_HEADING}", "",
              "| difference | edits | figure | pairs | mean difference | 95 % interval |", "|---|---|---|---|---|---|"]
     for p in pairs:
         lines.append(f"| {p['method']} | {p['subset']} | {p['figure']} | {p['n']} | {_fmt(p['mean'])} | {_interval(p)} |")
@@ -336,7 +337,7 @@ def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], re
 
     pairs = paired_with_dds(rows)
     paired_table = "" if not pairs else (
-        "<h2>PiVa − DDS (and − SDS; splats − NeRF) on the same edits (paired; 95 % bootstrap interval over edits)</h2>"
+        f"<h2>{PAIRED_HEADING}</h2>"
         "<table><tr><th>difference</th><th>edits</th><th>figure</th><th>pairs</th><th>mean difference</th><th>95 % interval</th></tr>"
         + "".join(f"<tr><td>{e(p['method'])}</td><td>{e(p['subset'])}</td><td>{e(p['figure'])}</td><td>{p['n']}</td>"
                   f"<td>{_fmt(p['mean'])}</td>"
