@@ -641,11 +641,33 @@ def test_default_workers_follow_the_preset_device_and_backend(monkeypatch):
 
     monkeypatch.setattr(runner, "available_cores", lambda: 2)
     assert runner.default_workers(runner.RunOptions(out=Path("x"), preset="toy")) == 2  # measured: 1.5x an hour
-    assert runner.default_workers(runner.RunOptions(out=Path("x"), preset="toy", backend="threestudio")) == 1
+    # threestudio's launch.py takes its worker's share of the threads (below): two one-thread fits run 1.3x an hour
+    assert runner.default_workers(runner.RunOptions(out=Path("x"), preset="toy", backend="threestudio")) == 2
+    assert runner.default_workers(runner.RunOptions(out=Path("x"), preset="full", backend="threestudio")) == 1
     monkeypatch.setattr(runner, "available_cores", lambda: 16)
     assert runner.default_workers(runner.RunOptions(out=Path("x"), preset="toy")) == 4
     monkeypatch.setattr(runner.RunOptions, "device", property(lambda self: "cuda"))
     assert runner.default_workers(runner.RunOptions(out=Path("x"), preset="toy")) == 1
+
+
+def test_threestudio_launch_takes_the_workers_thread_count(tmp_path):
+    """A benchmark worker's launch.py gets its share of the cores, not all of them (two would thrash)."""
+    import sys
+
+    from piva.threestudio import backend
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            check = f"import os, sys; sys.exit(0 if os.environ['OMP_NUM_THREADS'] == '{threads}' else 3)"
+            backend.run([sys.executable, "-c", check], tmp_path)
+        torch.set_num_threads(1)
+        with pytest.raises(RuntimeError, match="exited with 3"):
+            backend.run([sys.executable, "-c", "import os, sys; sys.exit(0 if os.environ['OMP_NUM_THREADS'] == '2' else 3)"],
+                        tmp_path)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_parallel_workers_prepare_an_object_once(tmp_path):

@@ -265,8 +265,27 @@ class ThreestudioBackend:
             background=object_scene(obj, data).backdrop, capture=capture if follows else None,
             model=model, controlnet=controlnet)
 
+    def source(self, obj: dict):
+        """The object's source scene, fitted once by launch.py (a file lock makes parallel workers wait for it);
+        returns (its checkpoint, the launch settings, the evaluation orbit, the capture)."""
+        from filelock import FileLock
+
+        from piva.threestudio import backend
+
+        root = backend.check_backend(self.opts.threestudio_root)
+        record = prepare_object(obj, self.opts.prepare, train=False)
+        data = Path(record["data"])
+        orbit, capture = eval_orbit(self.opts, data)
+        settings = self.settings(obj, data, capture)
+        work = Path(self.opts.out) / "threestudio"
+        work.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(work / f".{obj['id']}.source.lock")):
+            cmd, trial = backend.source_command(root, data, work, obj["id"], settings)
+            if not list((trial / "save").glob("it*-test")):  # the test stage runs once training has finished
+                backend.run(cmd, root)
+        return backend.latest_checkpoint(trial), settings, orbit, capture
+
     def edit(self, edit: dict, obj: dict, method: str, seed: int = 0) -> EditOutcome:
-        from piva.data.cameras import noe_cameras
         from piva.threestudio import backend
 
         opts = self.opts
@@ -278,27 +297,32 @@ class ThreestudioBackend:
         if method in SPLAT_METHODS:
             raise NotAvailable(f"{method} with the threestudio backend: splats run in nerfstudio (splatfacto)")
         root = backend.check_backend(opts.threestudio_root)
-        record = prepare_object(obj, opts.prepare, train=False)
-        data = Path(record["data"])
-        orbit, capture = eval_orbit(opts, data)
-        settings = self.settings(obj, data, capture)
-        work = Path(opts.out) / "threestudio"
-        cmd, trial = backend.source_command(root, data, work, obj["id"], settings)
-        if not list((trial / "save").glob("it*-test")):  # the test stage runs once training has finished
-            backend.run(cmd, root)
+        source_ckpt, settings, orbit, capture = self.source(obj)
         orbit = {"elevation": orbit.elevation, "distance": orbit.distance, "fov_y": orbit.fov_y}
         _reset_peak_memory(opts.device)
         t0 = time.perf_counter()
-        cmd, edit_trial = backend.edit_command(root, method, backend.latest_checkpoint(trial), edit, work,
+        cmd, edit_trial = backend.edit_command(root, method, source_ckpt, edit, Path(opts.out) / "threestudio",
                                                None if opts.preset != "full" else opts.edit_steps,
                                                eval_orbit=orbit, settings=settings, seed=seed)
         backend.run(cmd, root)
-        wall = time.perf_counter() - t0
-        edited, original = backend.test_renders(edit_trial)
-        unique = torch.from_numpy(noe_cameras(len(edited))["unique"])
-        cameras = {"views": len(edited), **orbit, "capture": capture, "size": int(edited.shape[-1]),
+        return self.outcome(edit_trial, orbit, capture, time.perf_counter() - t0)
+
+    @staticmethod
+    def outcome(trial: Path, orbit: dict, capture: dict, wall: float) -> EditOutcome:
+        """An edit's test-stage renders (edited and original) with the cameras they were drawn at: threestudio's
+        evaluation orbit is `noe_cameras`, so the exact toy figures (success, background) are computed as for
+        nerfstudio's renders."""
+        from piva.data.cameras import noe_cameras
+        from piva.data.views import Camera
+        from piva.threestudio import backend
+
+        edited, original = backend.test_renders(trial)
+        size = int(edited.shape[-1])
+        cams = noe_cameras(len(edited), elevation=orbit["elevation"], distance=orbit["distance"], fov_y=orbit["fov_y"])
+        views = [Camera(c, cams["fov_y"], size, size) for c in cams["c2w"]]
+        setting = {"views": len(edited), **orbit, "capture": capture, "size": size,
                    "source": "threestudio test stage (piva-noe.yaml / dds-noe.yaml, orbit overridden)"}
-        return EditOutcome(edited, original, unique, cameras, wall, edit_trial)
+        return EditOutcome(edited, original, torch.from_numpy(cams["unique"]), setting, wall, trial, camera_list=views)
 
 
 BACKENDS = {"nerfstudio": NerfstudioBackend, "threestudio": ThreestudioBackend}
@@ -394,21 +418,28 @@ def measure(edit: dict, outcome: "EditOutcome", method: str, opts: RunOptions, m
 
 
 def rescore_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict, seed: int = 0) -> dict:
-    """Measure a stored edit again with today's metrics: its finished run is rendered again and nothing trains,
-    so the time and memory it was measured with stay as recorded. For when a metric's definition changes."""
+    """Measure a stored edit again with today's metrics: its finished run is rendered again (threestudio: its test
+    stage's renders are read again) and nothing trains, so the time and memory it was measured with stay as
+    recorded. For when a metric's definition changes."""
     from piva.nerfstudio import runs
 
     path = result_path(opts.out, method, edit["id"], seed)
     old = json.loads(path.read_text())
-    if opts.backend != "nerfstudio":
-        raise NotAvailable("--rescore renders nerfstudio runs again; threestudio's results come from its test stage")
-    if method != "no-edit":
+    if opts.backend == "threestudio":  # its test stage's renders are on disk: read again, nothing renders
+        trial = Path(old.get("edited_run") or "")
+        if not list((trial / "save").glob("it*-test")):
+            raise NotAvailable(f"its test renders ({trial}/save) are gone: delete {path} to run the edit again")
+        cams = old["metrics"]["cameras"]
+        orbit = {k: cams[k] for k in ("elevation", "distance", "fov_y")}
+        outcome = ThreestudioBackend.outcome(trial, orbit, cams.get("capture"), old["wall_time_s"] or 0.0)
+    elif method != "no-edit":
         run = Path(old.get("edited_run") or "")
         last = runs.latest_checkpoint(run / "nerfstudio_models") if run.is_dir() else None
         if last is None or runs.edit_steps_done(last) < old["edit_steps"]:
             raise NotAvailable(f"its run ({run}) is gone or unfinished: delete {path} to run the edit again")
-    opts = dataclasses.replace(opts, edit_steps=old["edit_steps"] or None)  # resume at the last step: nothing trains
-    outcome = BACKENDS[opts.backend](opts).edit(edit, obj, method, seed)
+    if opts.backend != "threestudio":
+        opts = dataclasses.replace(opts, edit_steps=old["edit_steps"] or None)  # resume at the last step: nothing trains
+        outcome = BACKENDS[opts.backend](opts).edit(edit, obj, method, seed)
     metrics, _ = measure(edit, outcome, method, opts, models, seed)
     result = {**old, "metrics": metrics,
               "rescored": {"on": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
@@ -575,8 +606,9 @@ def available_cores() -> int:
 def default_workers(opts: RunOptions) -> int:
     """Edits at once when --workers is not given: the toy preset's small tensors leave a second thread of one
     process half idle, so on CPU one one-thread worker per core (at most 4; measured with 2 on 2 cores) runs
-    more edits an hour. Full sizes and threestudio (its own launcher) run one edit at a time."""
-    if opts.preset == "toy" and opts.device == "cpu" and opts.backend == "nerfstudio":
+    more edits an hour, in nerfstudio and in threestudio (whose launch.py takes its worker's thread count).
+    Full sizes run one edit at a time."""
+    if opts.preset == "toy" and opts.device == "cpu":
         return max(1, min(available_cores(), 4))
     return 1
 
@@ -610,7 +642,10 @@ def _worker_edit(edit: dict, obj: dict, method: str, opts: RunOptions, seed: int
 def _worker_prepare(obj: dict, opts: RunOptions, splats: bool) -> Optional[str]:
     """One object's source scene in a worker process: None, or why it could not be prepared."""
     try:
-        prepare_object(obj, opts.prepare, splats=splats)
+        if opts.backend == "threestudio":
+            ThreestudioBackend(opts).source(obj)
+        else:
+            prepare_object(obj, opts.prepare, splats=splats)
     except Exception as exc:  # the object's edits meet the same error and record it as theirs
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -630,14 +665,12 @@ def _run_in_processes(todo, opts: RunOptions, workers: int) -> dict:
     failed = {}
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_start,
                                 initargs=(threads,)) as pool:
-        preparing = {}
-        if opts.backend == "nerfstudio":
-            # The source scenes go first in the queue, one object per job: edits come object by object, so a
-            # worker would otherwise wait on another's preparation lock at every new object. No barrier: a worker
-            # done with its scenes takes the first edits, whose scenes are ready by then.
-            scenes = {(obj["id"], method_variant(method)[0] in SPLAT_METHODS): obj for _, obj, method, _ in todo}
-            print(f"[noe] the source scenes of {len(scenes)} object(s) first (kept when done)", flush=True)
-            preparing = {pool.submit(_worker_prepare, obj, opts, splats): name for (name, splats), obj in scenes.items()}
+        # The source scenes go first in the queue, one object per job: edits come object by object, so a
+        # worker would otherwise wait on another's preparation lock at every new object. No barrier: a worker
+        # done with its scenes takes the first edits, whose scenes are ready by then.
+        scenes = {(obj["id"], method_variant(method)[0] in SPLAT_METHODS): obj for _, obj, method, _ in todo}
+        print(f"[noe] the source scenes of {len(scenes)} object(s) first (kept when done)", flush=True)
+        preparing = {pool.submit(_worker_prepare, obj, opts, splats): name for (name, splats), obj in scenes.items()}
         jobs = {pool.submit(_worker_edit, edit, obj, method, opts, seed): (edit, method, seed)
                 for edit, obj, method, seed in todo}
         for i, job in enumerate(cf.as_completed(jobs), 1):

@@ -10,6 +10,7 @@ On a machine without CUDA (the toy preset, tests) launch.py runs through
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -182,7 +183,10 @@ def _quote(text: str) -> str:
 
 
 def run(cmd: list[str], root: Path) -> None:
-    done = subprocess.run(cmd, cwd=root)
+    """launch.py with this process's CPU thread count (a benchmark worker's share of the cores)."""
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    done = subprocess.run(cmd, cwd=root, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"threestudio exited with {done.returncode}: {' '.join(cmd)}")
 
