@@ -14,7 +14,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ import torch
 from piva.io import atomic_torch_save, atomic_write_json
 from piva.noe.prepare import NotAvailable, PrepareOptions, object_dir, object_scene, prepare_object
 from piva.noe.presets import EvalOrbit, Preset, get_preset
+
+if TYPE_CHECKING:
+    from piva.threestudio.backend import LaunchSettings
 
 METHODS = ("piva", "dds", "sds", "no-edit")
 SPLAT_METHODS = ("piva-splat", "dds-splat")
@@ -265,7 +268,7 @@ class ThreestudioBackend:
             background=object_scene(obj, data).backdrop, capture=capture if follows else None,
             model=model, controlnet=controlnet)
 
-    def source(self, obj: dict):
+    def source(self, obj: dict) -> tuple[Path, LaunchSettings, EvalOrbit, dict]:
         """The object's source scene, fitted once by launch.py (a file lock makes parallel workers wait for it);
         returns (its checkpoint, the launch settings, the evaluation orbit, the capture)."""
         from filelock import FileLock
