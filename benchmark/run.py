@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--ray", metavar="ADDRESS", help="run edits as Ray tasks: 'auto', 'local' or a cluster address")
     p.add_argument("--workers", type=int, default=None,
                    help="edits run at once in local processes, the CPU threads shared out (default: the toy preset "
-                        "on CPU with nerfstudio, one per core up to 4, as on 2 cores 2 finish ~1.5x the edits an "
+                        "on CPU, either backend, one per core up to 4, as on 2 cores 2 finish ~1.5x the edits an "
                         "hour; else 1)")
     p.add_argument("--leaderboard-only", action="store_true", help="rebuild the pages from stored results")
     p.add_argument("--rescore", action="store_true",

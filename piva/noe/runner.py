@@ -8,6 +8,7 @@ interrupted edit resumes from its latest nerfstudio checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -248,6 +249,13 @@ class ThreestudioBackend:
     def __init__(self, opts: RunOptions) -> None:
         self.opts = opts
 
+    @functools.cached_property
+    def root(self) -> Path:
+        """The threestudio checkout, checked once per backend (a clear error if it is missing or not set up)."""
+        from piva.threestudio import backend
+
+        return backend.check_backend(self.opts.threestudio_root)
+
     def settings(self, obj: dict, data: Path, capture: dict):
         """The preset's sizes and the object's inputs for the configs. The full preset keeps the paper's
         configs as they are; a smaller preset sets sizes, the toy prior, and edit cameras that follow the
@@ -275,7 +283,7 @@ class ThreestudioBackend:
 
         from piva.threestudio import backend
 
-        root = backend.check_backend(self.opts.threestudio_root)
+        root = self.root
         record = prepare_object(obj, self.opts.prepare, train=False)
         data = Path(record["data"])
         orbit, capture = eval_orbit(self.opts, data)
@@ -299,7 +307,7 @@ class ThreestudioBackend:
             raise NotAvailable("no-edit with the threestudio backend: read the '-original' renders of any edit")
         if method in SPLAT_METHODS:
             raise NotAvailable(f"{method} with the threestudio backend: splats run in nerfstudio (splatfacto)")
-        root = backend.check_backend(opts.threestudio_root)
+        root = self.root
         source_ckpt, settings, orbit, capture = self.source(obj)
         orbit = {"elevation": orbit.elevation, "distance": orbit.distance, "fov_y": orbit.fov_y}
         _reset_peak_memory(opts.device)
@@ -435,13 +443,13 @@ def rescore_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: di
         cams = old["metrics"]["cameras"]
         orbit = {k: cams[k] for k in ("elevation", "distance", "fov_y")}
         outcome = ThreestudioBackend.outcome(trial, orbit, cams.get("capture"), old["wall_time_s"] or 0.0)
-    elif method != "no-edit":
-        run = Path(old.get("edited_run") or "")
-        last = runs.latest_checkpoint(run / "nerfstudio_models") if run.is_dir() else None
-        if last is None or runs.edit_steps_done(last) < old["edit_steps"]:
-            raise NotAvailable(f"its run ({run}) is gone or unfinished: delete {path} to run the edit again")
-    if opts.backend != "threestudio":
-        opts = dataclasses.replace(opts, edit_steps=old["edit_steps"] or None)  # resume at the last step: nothing trains
+    else:  # nerfstudio: resume its finished run at the last step, so nothing trains and it renders again
+        if method != "no-edit":
+            run = Path(old.get("edited_run") or "")
+            last = runs.latest_checkpoint(run / "nerfstudio_models") if run.is_dir() else None
+            if last is None or runs.edit_steps_done(last) < old["edit_steps"]:
+                raise NotAvailable(f"its run ({run}) is gone or unfinished: delete {path} to run the edit again")
+        opts = dataclasses.replace(opts, edit_steps=old["edit_steps"] or None)
         outcome = BACKENDS[opts.backend](opts).edit(edit, obj, method, seed)
     metrics, _ = measure(edit, outcome, method, opts, models, seed)
     result = {**old, "metrics": metrics,
