@@ -22,14 +22,15 @@ ROOT = Path(__file__).resolve().parent
 def main(argv=None) -> int:
     from piva.noe.prepare import PrepareOptions
     from piva.noe.presets import PRESETS
-    from piva.noe.runner import (METHODS, SPLAT_METHODS, RunOptions, default_workers, rescore_benchmark, run_benchmark,
-                                  select_edits)
+    from piva.noe.runner import (METHODS, SPLAT_METHODS, RunOptions, default_out, default_workers, rescore_benchmark,
+                                  run_benchmark, select_edits)
     from piva.noe.validate import ManifestError, validate
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", type=Path, help="default: benchmark/noe/manifest.json (--toy: toy-manifest.json)")
     p.add_argument("--toy", action="store_true", help="the toy-world manifest and preset (CPU, offline)")
-    p.add_argument("--out", type=Path, help="results folder (default: outputs/noe or outputs/noe-toy)")
+    p.add_argument("--out", type=Path, help="results folder (default: outputs/noe or outputs/noe-toy, with the backend "
+                                            "and changed step counts in the name, e.g. outputs/noe-toy-threestudio)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated, from {','.join(METHODS + SPLAT_METHODS)} (the splat ones on splatfacto scenes); "
                         "METHOD+KNOB=VALUE[+...] changes GuidanceConfig knobs of a method for a sweep, "
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
         print(f"piva: error: {manifest_path}: {exc}", file=sys.stderr)
         return 2
     preset = a.preset or ("toy" if a.toy else "full")
-    out = a.out or Path("outputs") / ("noe-toy" if preset == "toy" else "noe")
+    out = a.out or default_out(preset, a.backend, a.edit_steps, a.source_steps)
     if a.leaderboard_only:
         from piva.noe.leaderboard import write_leaderboards
 

@@ -10,8 +10,6 @@ sits above both, beside the CLI.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 import time
 from pathlib import Path
@@ -19,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from piva.data.images import image_grid, save_image_grid
-from piva.io import atomic_path, atomic_write_json
+from piva.io import atomic_path, atomic_write_json, settings_key
 from piva.nerfstudio import runs
 from piva.nerfstudio.views import load_pipeline, render_views
 from piva.noe.prepare import toy_object_scene
@@ -38,11 +36,6 @@ def _slug(caption: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", caption.lower()).strip("-")
 
 
-def _key(**settings) -> str:
-    """Short hash of what a cached step was built from, so a changed setting never reuses a stale result."""
-    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
-
-
 def source_scene(out_dir: Path, source: str, views: int, seed: int, size: runs.RunSize, splats: bool = False):
     """The toy scene's dataset and nerfacto (or splatfacto) reconstruction, cached under
     `out_dir/scenes/<caption>-<settings>`: another caption, seed, step count or representation builds anew
@@ -50,7 +43,7 @@ def source_scene(out_dir: Path, source: str, views: int, seed: int, size: runs.R
     scene_settings = dict(source=source, views=views, seed=seed, source_steps=size.source_steps, model=runs.CPU_FIELD)
     if splats:
         scene_settings["model"] = {"splatfacto": runs.CPU_SPLATS}
-    scene_dir = Path(out_dir) / "scenes" / f"{_slug(source)}-{_key(**scene_settings)}"
+    scene_dir = Path(out_dir) / "scenes" / f"{_slug(source)}-{settings_key(**scene_settings)}"
     data = scene_dir / "data"
     if not (data / "transforms_train.json").is_file():
         write_blender_dataset(Scene.from_caption(source), data, n_train=views, n_val=4, size=64, seed=seed)
@@ -111,7 +104,7 @@ def run_demo(
                            size, diffusion_model=str(PRIOR_DIR), controlnet_model=str(CONTROLNET_DIR),
                            edit_geometry=edit_geometry)
     cfg.machine.seed = seed  # one seed for the scene and the edit's draws
-    cfg.experiment_name = f"{_slug(target)}-{tag}-{_key(steps=edit_steps, geometry=edit_geometry)}"
+    cfg.experiment_name = f"{_slug(target)}-{tag}-{settings_key(steps=edit_steps, geometry=edit_geometry)}"
     edit_run = runs.edit(cfg)
     timings["edit_s"] = round(time.perf_counter() - t0 - timings["source_scene_s"], 1)
 

@@ -103,3 +103,57 @@ def test_save_image_grid_round_trips_and_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert np.array_equal(iio.imread(path), image_grid(rows, scale=3))  # the old strip is kept
     assert leftovers(tmp_path, {"strip.png"}) == []
+
+
+def test_folder_replacement_has_no_moment_without_the_folder(tmp_path):
+    """A reader polling the folder while it is replaced 200 times never finds it missing or empty."""
+    import threading
+
+    target = tmp_path / "adapter"
+    with atomic_path(target) as tmp:
+        fill(tmp, {"a.bin": "0"})
+    misses, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                if not (target / "a.bin").is_file():
+                    misses.append(1)
+            except OSError:
+                misses.append(1)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(200):
+            with atomic_path(target) as tmp:
+                fill(tmp, {"a.bin": str(i)})
+    finally:
+        stop.set()
+        t.join()
+    assert misses == [] and (target / "a.bin").read_text() == "199"
+    assert leftovers(tmp_path, {"adapter"}) == []
+
+
+def test_temporaries_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from piva import io
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    live = os.getppid()  # a pid that does
+    target = tmp_path / "step.ckpt"
+    stale_file = tmp_path / f".step.ckpt.{io._HOST}-{dead.pid}.tmp.ckpt"
+    stale_folder = tmp_path / f".step.ckpt.{io._HOST}-{dead.pid}.old"
+    other_host = tmp_path / f".step.ckpt.elsewhere-{dead.pid}.tmp.ckpt"  # may be live on its own host
+    live_file = tmp_path / f".step.ckpt.{io._HOST}-{live}.tmp.ckpt"
+    stale_file.write_bytes(b"x" * 100)
+    stale_folder.mkdir()
+    (stale_folder / "f").write_text("x")
+    other_host.write_text("x")
+    live_file.write_text("x")
+    atomic_torch_save({"x": 1}, target)
+    assert leftovers(tmp_path, {"step.ckpt"}) == sorted([other_host.name, live_file.name])

@@ -35,7 +35,7 @@ from piva.threestudio.glue import ChannelsLastGuidance, channels_first, depth_fo
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared CPU
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs" / "threestudio"
+CONFIGS = REPO / "piva" / "threestudio" / "configs"
 SRC, TGT = "a red cube", "a blue cube on a white plate"
 T = 437
 
@@ -544,3 +544,123 @@ def test_install_runs_as_a_module(tmp_path):
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "diffusers<0.20" in out.stdout
+
+
+# -- the benchmark backend: checkpoints it resumes from, the processes it starts ----------
+
+
+def _save_ckpt(path: Path, step: int) -> bytes:
+    torch.save({"global_step": step, "state_dict": {"w": torch.zeros(4096)}}, path)
+    return path.read_bytes()
+
+
+def test_resume_takes_the_newest_checkpoint_that_loads_and_keeps_only_it(tmp_path):
+    """A kill while Lightning writes a .ckpt in place leaves it cut short: the command resumes from the newest
+    checkpoint that loads and clears the rest of ckpts/ (older steps, the cut-short file, stale links)."""
+    from piva.threestudio import backend
+
+    edit = {"id": "e", "source_prompt": "a red cube", "target_prompt": "a blue cube"}
+    cmd, trial = backend.edit_command(tmp_path, "piva", tmp_path / "src.ckpt", edit, tmp_path / "out")
+    assert not any(c.startswith("resume=") for c in cmd)  # nothing saved yet: from the start
+    ckpts = trial / "ckpts"
+    ckpts.mkdir(parents=True)
+    _save_ckpt(ckpts / "epoch=0-step=10.ckpt", 10)
+    _save_ckpt(ckpts / "epoch=0-step=20.ckpt", 20)
+    whole = _save_ckpt(ckpts / "epoch=0-step=30.ckpt", 30)
+    (ckpts / "epoch=0-step=30.ckpt").write_bytes(whole[: len(whole) - 100])  # killed mid-write
+    (ckpts / "last.ckpt").symlink_to("epoch=0-step=10.ckpt")  # Lightning's link, one save behind
+    (ckpts / "last-v1.ckpt").symlink_to("epoch=0-step=5.ckpt")  # dangling
+    assert backend.checkpoint_step(ckpts / "epoch=0-step=30.ckpt") is None
+    assert backend.checkpoint_step(ckpts / "epoch=0-step=20.ckpt") == 20
+    cmd, _ = backend.edit_command(tmp_path, "piva", tmp_path / "src.ckpt", edit, tmp_path / "out")
+    assert cmd[-1] == f"resume={ckpts / 'epoch=0-step=20.ckpt'}"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=0-step=20.ckpt"]
+    # Lightning's usual layout: last.ckpt links to the newest step; the run resumes from the name the README gives
+    (ckpts / "last.ckpt").symlink_to("epoch=0-step=20.ckpt")
+    cmd, _ = backend.edit_command(tmp_path, "piva", tmp_path / "src.ckpt", edit, tmp_path / "out")
+    assert cmd[-1] == f"resume={ckpts / 'last.ckpt'}"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=0-step=20.ckpt", "last.ckpt"]
+    # the source fit resumes the same way
+    source_ckpts = tmp_path / "out" / "piva-source-noe" / "cube" / "ckpts"
+    source_ckpts.mkdir(parents=True)
+    (source_ckpts / "last.ckpt").write_bytes(b"")  # killed before a byte was written
+    cmd, _ = backend.source_command(tmp_path, tmp_path / "data", tmp_path / "out", "cube")
+    assert not any(c.startswith("resume=") for c in cmd) and not any(source_ckpts.iterdir())
+
+
+def test_launch_settings_save_a_few_checkpoints_in_a_short_run():
+    """A toy edit saves about four times (a kill loses few steps), a full-size run every 1000 steps (the configs')."""
+    from omegaconf import OmegaConf
+
+    from piva.threestudio import backend
+
+    edit = {"id": "e", "source_prompt": "a red cube", "target_prompt": "a blue cube"}
+    toy = backend.LaunchSettings(device="cpu", source_steps=150, edit_steps=60)
+    cmd, _ = backend.edit_command(Path("ts"), "piva", Path("src.ckpt"), edit, Path("out"), settings=toy)
+    assert "checkpoint.every_n_train_steps=15" in cmd
+    cmd, _ = backend.source_command(Path("ts"), Path("data"), Path("out"), "cube", settings=toy)
+    assert "checkpoint.every_n_train_steps=37" in cmd  # 150 is no multiple: the systems save the end step
+    cmd, _ = backend.edit_command(Path("ts"), "dds", Path("src.ckpt"), edit, Path("out"), steps=3000)
+    assert "checkpoint.every_n_train_steps=750" in cmd
+    cmd, _ = backend.edit_command(Path("ts"), "piva", Path("src.ckpt"), edit, Path("out"))  # full size: the configs'
+    assert not any(c.startswith("checkpoint.") for c in cmd)
+    for name in ("source-noe.yaml", "piva-noe.yaml", "dds-noe.yaml"):
+        cfg = OmegaConf.load(CONFIGS / name)
+        assert cfg.checkpoint.every_n_train_steps == backend.CHECKPOINT_EVERY
+        assert backend.checkpoint_interval(cfg.trainer.max_steps) == backend.CHECKPOINT_EVERY
+        assert cfg.checkpoint.save_top_k == 1 and cfg.checkpoint.save_last == "link"  # one checkpoint on disk
+
+
+def test_run_reports_the_launched_process_peak_memory_not_its_own(tmp_path):
+    """launch.py's peak memory is its own (the kernel's account of the child), not the waiting runner's."""
+    import resource
+
+    from piva.threestudio import backend
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    small = backend.run([sys.executable, "-c", "import time; time.sleep(0.3)"], tmp_path)["process_peak_rss_mb"]
+    big = backend.run([sys.executable, "-c", "import time; x = b'1' * (300 * 2**20); time.sleep(0.3)"],
+                      tmp_path)["process_peak_rss_mb"]
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    assert before > 100, before  # pytest with torch: a figure of the runner's would show in the small child's
+    assert 0 < small < 50 and 300 < big < 350, (small, big)
+    assert grown < 50, grown  # the runner itself did not hold the child's 300 MB
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie has ended; only its parent's wait is missing
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_caller_takes_launch_py_with_it(tmp_path):
+    """A benchmark worker killed by SIGKILL cannot clean up: the launch.py it started must not train on as an orphan."""
+    import os
+    import signal
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    caller = subprocess.Popen([sys.executable, "-c", "import sys; from piva.threestudio import backend; "
+                               f"backend.run([sys.executable, '-c', {child!r}], {str(tmp_path)!r})"], cwd=REPO)
+    pid = None
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and caller.poll() is None and not (pid_file.is_file() and pid_file.read_text()):
+            time.sleep(0.1)
+        pid = int(pid_file.read_text())
+        assert _alive(pid)
+        caller.kill()
+        caller.wait()
+        deadline = time.time() + 10
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.1)
+        assert not _alive(pid), "launch.py outlived the process that started it"
+    finally:
+        if caller.poll() is None:
+            caller.kill()
+        if pid is not None and _alive(pid):
+            os.kill(pid, signal.SIGKILL)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Tuple
@@ -271,17 +272,59 @@ def edit_steps_done(checkpoint: Path) -> int:
     return state["step"] - start + 1
 
 
+class RunMismatch(ValueError):
+    """An edit's run folder holds an edit made from other prompts, knobs or another source scene."""
+
+
+# What an edit's run is made from: a resume must match these (sizes and bookkeeping may differ).
+_EDIT_IDENTITY = ("pipeline.guidance", "pipeline.diffusion_model", "pipeline.controlnet_model",
+                  "pipeline.model.edit_geometry", "pipeline.render_short_side", "method_name")
+
+
+def _edit_identity(config) -> dict:
+    """The fields of an edit config that decide what it computes, as plain values."""
+    out = {}
+    for name in _EDIT_IDENTITY:
+        value = config
+        for part in name.split("."):
+            value = getattr(value, part, None)
+        out[name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return json.loads(json.dumps(out, default=str))
+
+
+def _source_fingerprint(models_dir: Path) -> Optional[str]:
+    from piva.io import file_fingerprint
+
+    last = latest_checkpoint(models_dir) if Path(models_dir).is_dir() else None
+    return file_fingerprint(last) if last is not None else None
+
+
 def edit(config) -> Path:
     """Run an edit config to its last step; a killed edit resumes from its latest checkpoint.
 
     `config.max_num_iterations` is the number of edit steps wanted in all. Returns the run
-    folder (config.yml + nerfstudio_models/)."""
+    folder (config.yml + nerfstudio_models/). A run folder that holds an edit of other prompts,
+    knobs or another source scene is refused (RunMismatch) instead of being resumed."""
+    from piva.io import atomic_write_json
+
     run_dir = Path(config.get_base_dir())
     wanted = config.max_num_iterations
     last = latest_checkpoint(run_dir / "nerfstudio_models")
-    remaining = wanted - edit_steps_done(last) if last is not None else wanted
+    record_path = run_dir / "piva_edit.json"
+    made_from = {"config": _edit_identity(config), "source_checkpoint": _source_fingerprint(Path(config.load_dir))}
     if last is not None:
+        if record_path.is_file():
+            kept = json.loads(record_path.read_text())
+            diff = sorted(k for k in made_from["config"] if kept["config"].get(k) != made_from["config"][k])
+            if kept.get("source_checkpoint") != made_from["source_checkpoint"]:
+                diff.append("source scene (its checkpoint changed)")
+            if diff:
+                raise RunMismatch(f"{run_dir} holds an edit made with another {', '.join(diff)}: resume it with its "
+                                  "own settings, or give another output folder (or delete it to start again)")
         config.load_dir = run_dir / "nerfstudio_models"
+    elif last is None:
+        atomic_write_json(record_path, made_from)
+    remaining = wanted - edit_steps_done(last) if last is not None else wanted
     if remaining > 0:
         config.max_num_iterations = remaining
         try:
@@ -302,10 +345,32 @@ def run(config) -> Path:
     torch.manual_seed(config.machine.seed)
     config.set_timestamp()
     config.save_config()
-    trainer = config.setup(local_rank=0, world_size=1)
-    trainer.setup()
-    trainer.train()
+    _reset_event_writers()  # one process runs many trainers (demo, benchmark workers): each logs to its own run
+    try:
+        trainer = config.setup(local_rank=0, world_size=1)
+        trainer.setup()
+        trainer.train()
+    finally:
+        _reset_event_writers()
     return config.get_checkpoint_dir()
+
+
+def _reset_event_writers() -> None:
+    """nerfstudio keeps its event writers in module globals that every trainer appends to: close and clear
+    them, so a later run does not log into an earlier run's files nor leak their handles."""
+    from nerfstudio.utils import writer
+
+    for w in list(writer.EVENT_WRITERS):
+        for closer in ("close", "flush"):
+            inner = getattr(getattr(w, "tb_writer", None), closer, None) or getattr(w, closer, None)
+            if callable(inner):
+                try:
+                    inner()
+                except Exception:  # a writer that cannot close must not stop the run
+                    pass
+                break
+    writer.EVENT_WRITERS.clear()
+    writer.EVENT_STORAGE.clear()
 
 
 def reconstruct(scene: ObjectScene, output_dir: Path, size: RunSize = RunSize(), splats: bool = False) -> Path:
@@ -313,9 +378,39 @@ def reconstruct(scene: ObjectScene, output_dir: Path, size: RunSize = RunSize(),
     checkpoint is kept)."""
     cfg = (splat_source_config if splats else source_config)(scene, output_dir, size)
     run_dir = Path(cfg.get_base_dir())
-    if latest_checkpoint(run_dir / "nerfstudio_models") is None:
+    if not _finished(run_dir):
+        import shutil
+
+        shutil.rmtree(run_dir / "nerfstudio_models", ignore_errors=True)  # a killed fit: nerfstudio saves at its end
         run(cfg)
+        _mark_finished(run_dir)
     return run_dir
+
+
+_FINISHED = "piva_finished.json"
+
+
+def _finished(run_dir: Path) -> bool:
+    """A source fit counts only once its checkpoint is whole: nerfstudio writes it in place, so a fit killed while
+    saving leaves a truncated file. Fits made before the marker existed are checked by loading them once."""
+    last = latest_checkpoint(run_dir / "nerfstudio_models")
+    if last is None:
+        return False
+    if (run_dir / _FINISHED).is_file():
+        return True
+    try:
+        torch.load(last, map_location="cpu", weights_only=False)
+    except Exception:  # truncated or corrupt: fit again
+        return False
+    _mark_finished(run_dir)
+    return True
+
+
+def _mark_finished(run_dir: Path) -> None:
+    from piva.io import atomic_write_json, file_fingerprint
+
+    last = latest_checkpoint(run_dir / "nerfstudio_models")
+    atomic_write_json(run_dir / _FINISHED, {"checkpoint": last.name, "fingerprint": file_fingerprint(last)})
 
 
 def cli_args(scene: ObjectScene, size: RunSize) -> list[str]:

@@ -42,10 +42,37 @@ SUCCESS = 0.7
 """A toy edit counts as a success for the paired comparison when the judge names the target in this share of views."""
 
 
-def load_results(out: Path) -> list[dict]:
+def run_settings(out: Path) -> dict:
+    """What the results in `out` were made with (OUT/benchmark.json, written by the runner), or {}."""
+    path = Path(out) / "benchmark.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def other_settings(result: dict, settings: dict) -> Optional[str]:
+    """Why a stored result does not belong with the folder's settings (None: it does), so a leaderboard never
+    mixes results made with another backend, preset or step count."""
+    made = result.get("provenance") or {k: result.get(k) for k in ("backend", "preset", "edit_steps")}
+    for key in ("backend", "preset", "edit_steps", "source_steps", "eval_views"):
+        if key not in settings or made.get(key) is None:
+            continue
+        if key == "edit_steps" and result.get("method") == "no-edit":
+            continue
+        if made[key] != settings[key]:
+            return f"{key} {made[key]!r}"
+    return None
+
+
+def load_results(out: Path, left_out: Optional[list] = None) -> list[dict]:
+    """The stored results made with the folder's settings; the others go to `left_out` (path, why)."""
     rows = []
+    settings = run_settings(out)
     for path in sorted((Path(out) / "results").glob("*/*.json")):
         r = json.loads(path.read_text())
+        why = other_settings(r, settings)
+        if why:
+            if left_out is not None:
+                left_out.append((str(path.relative_to(out)), why))
+            continue
         flat = {k: v for k, v in r["metrics"].items() if isinstance(v, (int, float))}
         flat.update({f"toy_{k}": v for k, v in (r["metrics"].get("toy") or {}).items() if isinstance(v, (int, float))})
         flat.update(wall_time_s=r["wall_time_s"],
@@ -86,14 +113,18 @@ def _columns(tables: list[dict]) -> list[tuple]:
     return [c for c in COLUMNS if c[0] in present]
 
 
-def markdown(rows: list[dict], manifest_name: str, reported: bool = False, grid_file: Optional[str] = None) -> str:
-    """`reported`: add the paper's Noe rows (only comparable on the Noe manifest itself)."""
+def markdown(rows: list[dict], manifest_name: str, reported: bool = False, grid_file: Optional[str] = None,
+             settings: Optional[dict] = None, failed: Optional[dict] = None, left_out: Optional[list] = None) -> str:
+    """`reported`: add the paper's Noe rows (only comparable on the Noe manifest itself); `settings`, what the
+    results were made with; `failed`, edits that could not run (why); `left_out`, results made otherwise."""
     by_method = aggregate(rows, ("method",))
     by_type = aggregate(rows, ("method", "type"))
     cols = _columns([by_method, by_type] + ([{("reported",): r for r in REPORTED.values()}] if reported else []))
     models = {k: v for r in rows for k, v in r["models"].items()}
     missing = {k: v for r in rows for k, v in r["unavailable"].items()}
     lines = [f"# {manifest_name}: leaderboard", ""]
+    if settings:
+        lines += ["Made with: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items()), ""]
     lines += ["Models: " + ("; ".join(f"{k}: {v}" for k, v in sorted(models.items())) or "none")]
     lines += [f"Not computed: {k} ({v})" for k, v in sorted(missing.items())]
     lines += ["", "## Per method", "", "| method | edits | seeds | " + " | ".join(h for _, h, _ in cols) + " |",
@@ -118,6 +149,14 @@ def markdown(rows: list[dict], manifest_name: str, reported: bool = False, grid_
                   for o, r in recon.items()]
     if grid_file:
         lines += ["", "## Every edit: the original, then each method (two views each)", "", f"![every edit]({grid_file})"]
+    if failed:
+        lines += ["", f"## Edits that did not run ({len(failed)}; run the same command again to retry them)", "",
+                  "| edit | why |", "|---|---|"]
+        lines += [f"| {k} | {str(v.get('why', v) if isinstance(v, dict) else v).replace('|', '/')} |"
+                  for k, v in sorted(failed.items())]
+    if left_out:
+        lines += ["", f"## Left out: {len(left_out)} stored result(s) made with other settings", ""]
+        lines += [f"* {p}: {why}" for p, why in left_out]
     return "\n".join(lines) + "\n"
 
 
@@ -316,7 +355,7 @@ window.addEventListener('load', () => {
 
 
 def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], reported: bool = False,
-              grid_file: Optional[str] = None) -> str:
+              grid_file: Optional[str] = None, settings: Optional[dict] = None) -> str:
     by_method = aggregate(rows, ("method",))
     by_type = aggregate(rows, ("method", "type"))
     cols = _columns([by_method, by_type])
@@ -363,6 +402,8 @@ def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], re
     models = {k: v for r in rows for k, v in r["models"].items()}
     missing = {k: v for r in rows for k, v in r["unavailable"].items()}
     notes = "".join(f"<li>{e(k)}: {e(v)}</li>" for k, v in sorted(models.items()))
+    made_with = ("<p>Made with: " + e(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in settings.items())) + "</p>"
+                 if settings else "")
     notes += "".join(f"<li>not computed — {e(k)}: {e(v)}</li>" for k, v in sorted(missing.items()))
     img = f"<img class='plot' src='{e(plot_file)}' alt='score vs preservation'>" if plot_file else ""
     grid = (f"<h2>Every edit: the original, then each method</h2><img class='grid' src='{e(grid_file)}' "
@@ -382,6 +423,7 @@ img.grid {{ max-width: 100%; image-rendering: pixelated; }}
 </style></head>
 <body>
 <h1>{e(manifest_name)} leaderboard</h1>
+{made_with}
 <ul>{notes}</ul>
 <h2>Per method</h2>{table(by_method, ['method'], reported)}
 <h2>Per method and edit type</h2>{table(by_type, ['method', 'type'], False)}
@@ -399,10 +441,13 @@ img.grid {{ max-width: 100%; image-rendering: pixelated; }}
 def write_leaderboards(out: Path, manifest_name: str = "noe", reported: bool = False) -> dict:
     """leaderboard.md/.html of every stored result; `reported` adds the paper's rows (the Noe manifest only)."""
     out = Path(out)
-    rows = load_results(out)
+    left_out: list = []
+    rows = load_results(out, left_out)
+    failures = out / "failed.json"
+    failed = json.loads(failures.read_text()) if failures.is_file() else {}
     md, page = out / "leaderboard.md", out / "leaderboard.html"
     plot_file = plot(rows, out / "leaderboard_plot.png", reported) if rows else None
     grid_file = grid_figure(rows, out) if rows else None
-    atomic_write_text(md, markdown(rows, manifest_name, reported, grid_file))
-    atomic_write_text(page, html_page(rows, manifest_name, plot_file, reported, grid_file))
+    atomic_write_text(md, markdown(rows, manifest_name, reported, grid_file, run_settings(out), failed, left_out))
+    atomic_write_text(page, html_page(rows, manifest_name, plot_file, reported, grid_file, run_settings(out)))
     return {"markdown": str(md), "html": str(page), "results": len(rows)}

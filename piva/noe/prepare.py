@@ -157,57 +157,91 @@ def posed_images(obj: dict) -> Path:
     return folder
 
 
-def write_dataset(obj: dict, opts: PrepareOptions) -> Path:
-    """The object's Blender dataset (rendered here, or the NeRF-synthetic folder itself)."""
-    from piva.data.views import hemisphere_cameras, write_blender_dataset
+def dataset_settings(obj: dict, opts: PrepareOptions) -> dict:
+    """What an object's rendered dataset is made from: a dataset made otherwise is rendered again."""
+    common = {"source": obj["source"], "views": opts.sizes.capture_views, "size": opts.sizes.capture_size}
+    if obj["source"] == "toyworld":
+        return {**common, "caption": obj["source_prompt"], "val_views": 4, "seed": 0}
+    return {**common, "object": obj.get("uid") or obj.get("path"), "radius": mesh_radius(obj), "distance": DISTANCE,
+            "fov_y": FOV_Y}
 
-    out = object_dir(opts.root, obj) / "data"
-    if (out / "transforms_train.json").is_file():
-        return out
-    n, size = opts.sizes.capture_views, opts.sizes.capture_size
+
+DATASET_RECORD = "piva_dataset.json"
+
+
+def write_dataset(obj: dict, opts: PrepareOptions) -> Path:
+    """The object's Blender dataset (rendered here, or the NeRF-synthetic folder itself). A rendered dataset
+    records what it was made from; one made with other settings (preset, views, size) is rendered again and
+    swapped in whole."""
+    from piva.data.views import hemisphere_cameras, write_blender_dataset
+    from piva.io import atomic_path, atomic_write_json
+
     if obj["source"] == "nerf-synthetic":
         return find_nerf_synthetic(obj, opts)
     if obj["source"] == "local" and Path(obj["path"]).expanduser().is_dir():
         return posed_images(obj)
-    tmp = out.with_name("data.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    if obj["source"] == "toyworld":
-        from piva.toyworld.scenes import Scene, write_blender_dataset as write_toy
+    out = object_dir(opts.root, obj) / "data"
+    wanted = dataset_settings(obj, opts)
+    record = out / DATASET_RECORD
+    if (out / "transforms_train.json").is_file() and record.is_file() and json.loads(record.read_text()) == wanted:
+        return out
+    n, size = opts.sizes.capture_views, opts.sizes.capture_size
+    shutil.rmtree(out.with_name("data.partial"), ignore_errors=True)  # left by an earlier version
+    with atomic_path(out) as tmp:  # a half-written dataset is never taken for a finished one
+        if obj["source"] == "toyworld":
+            from piva.toyworld.scenes import Scene, write_blender_dataset as write_toy
 
-        write_toy(Scene.from_caption(obj["source_prompt"]), tmp, n_train=n, n_val=4, size=size, seed=0)
-    else:
-        from piva.data.mesh import load_meshes, normalize_to_sphere, render_mesh
+            write_toy(Scene.from_caption(obj["source_prompt"]), tmp, n_train=n, n_val=4, size=size, seed=0)
+        else:
+            from piva.data.mesh import load_meshes, normalize_to_sphere, render_mesh
 
-        mesh_path = find_mesh(obj, opts)
-        radius = mesh_radius(obj)
-        meshes = normalize_to_sphere(load_meshes(mesh_path), radius=radius)
-        splits = {"train": hemisphere_views(n, size), "val": hemisphere_cameras(4, size, FOV_Y, DISTANCE, seed=1),
-                  "test": hemisphere_cameras(4, size, FOV_Y, DISTANCE, seed=2)}
-        write_blender_dataset(tmp, splits, lambda cam: render_mesh(meshes, cam), rgba=True, progress=True,
-                              meta={"object": obj["id"], "mesh": str(mesh_path), "radius": radius, "distance": DISTANCE,
-                                    "fov_y": FOV_Y, "size": size})
-    tmp.rename(out)  # a half-written dataset is never taken for a finished one
+            mesh_path = find_mesh(obj, opts)
+            radius = mesh_radius(obj)
+            meshes = normalize_to_sphere(load_meshes(mesh_path), radius=radius)
+            splits = {"train": hemisphere_views(n, size), "val": hemisphere_cameras(4, size, FOV_Y, DISTANCE, seed=1),
+                      "test": hemisphere_cameras(4, size, FOV_Y, DISTANCE, seed=2)}
+            write_blender_dataset(tmp, splits, lambda cam: render_mesh(meshes, cam), rgba=True, progress=True,
+                                  meta={"object": obj["id"], "mesh": str(mesh_path), "radius": radius,
+                                        "distance": DISTANCE, "fov_y": FOV_Y, "size": size})
+        atomic_write_json(tmp / DATASET_RECORD, wanted)
     return out
+
+
+def source_settings(obj: dict, data: Path, opts: PrepareOptions, splats: bool) -> dict:
+    """What a source scene is made from: its dataset and the reconstruction's sizes and model."""
+    from piva.nerfstudio.runs import CPU_FIELD, CPU_SPLATS
+
+    record = Path(data) / DATASET_RECORD
+    size = opts.run_size
+    return {"data": json.loads(record.read_text()) if record.is_file() else str(data),
+            "model": "splatfacto" if splats else "nerfacto", "steps": size.source_steps,
+            "rays_per_batch": size.source_rays_per_batch,
+            "cpu_field": (CPU_SPLATS if splats else CPU_FIELD) if size.cpu_field else None}
 
 
 def train_source(obj: dict, data: Path, opts: PrepareOptions, splats: bool = False) -> Path:
     """Reconstruct the source scene with nerfacto (splatfacto with `splats`); returns its `nerfstudio_models`
-    folder (skips when done)."""
+    folder (skips when done). Each setting of the reconstruction has a folder of its own
+    (runs/<settings key>), so a changed step count or preset trains anew instead of reusing another's."""
+    from piva.io import settings_key
     from piva.nerfstudio.runs import reconstruct
 
-    runs_dir = object_dir(opts.root, obj) / ("splat-runs" if splats else "runs")
+    key = settings_key(**source_settings(obj, data, opts, splats))
+    runs_dir = object_dir(opts.root, obj) / ("splat-runs" if splats else "runs") / key
     return reconstruct(object_scene(obj, data), runs_dir, opts.run_size, splats=splats) / "nerfstudio_models"
 
 
 def prepare_object(obj: dict, opts: PrepareOptions, train: bool = True, splats: bool = False) -> dict:
     """Dataset + source scene of one object (nerfacto; also splatfacto with `splats`); the record is kept
-    in objects/<id>/prepared.json.
+    in objects/<id>/prepared.json, with a fingerprint of each source checkpoint (what an edit is made from).
 
     A file lock makes parallel workers (Ray tasks, several runners) wait for one
     another instead of preparing the same object twice.
     """
     from filelock import FileLock
+
+    from piva.io import atomic_write_json, file_fingerprint
+    from piva.nerfstudio.runs import latest_checkpoint
 
     folder = object_dir(opts.root, obj)
     folder.mkdir(parents=True, exist_ok=True)
@@ -218,8 +252,10 @@ def prepare_object(obj: dict, opts: PrepareOptions, train: bool = True, splats: 
         record.update({"object": obj["id"], "data": str(data), "preset": opts.sizes.name})
         if train:
             key = "splat_source_checkpoints" if splats else "source_checkpoints"
-            record[key] = str(train_source(obj, data, opts, splats=splats))
-        kept.write_text(json.dumps(record, indent=2))
+            models = train_source(obj, data, opts, splats=splats)
+            record[key] = str(models)
+            record[key.replace("checkpoints", "fingerprint")] = file_fingerprint(latest_checkpoint(models))
+        atomic_write_json(kept, record)
     return record
 
 

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,49 @@ class RunOptions:
     def steps(self) -> int:
         return self.edit_steps if self.edit_steps is not None else self.sizes.run.edit_steps
 
+    def settings(self) -> dict:
+        """What every result in `out` shares, so that its figures compare: a run with other settings into the
+        same folder is refused (`check_out`)."""
+        source_steps = (self.prepare.run_size if self.prepare is not None else self.sizes.run).source_steps
+        return {"backend": self.backend, "preset": self.preset, "edit_steps": self.steps, "source_steps": source_steps,
+                "eval_views": self.eval_views,
+                "image_text_model": "toy judge" if self.preset == "toy" else f"{self.clip_model}/{self.clip_pretrained}"}
+
+
+def default_out(preset: str, backend: str = "nerfstudio", edit_steps: Optional[int] = None,
+                source_steps: Optional[int] = None) -> Path:
+    """outputs/noe (full) or outputs/noe-toy, with the backend and any changed step count in the name: runs
+    made otherwise never share a folder, so none counts another's results as its own."""
+    name = "noe-toy" if preset == "toy" else "noe" if preset == "full" else f"noe-{preset}"
+    if backend != "nerfstudio":
+        name += f"-{backend}"
+    if edit_steps is not None:
+        name += f"-edit{edit_steps}"
+    if source_steps is not None:
+        name += f"-source{source_steps}"
+    return Path("outputs") / name
+
+
+SETTINGS_FILE = "benchmark.json"
+
+
+def check_out(opts: RunOptions) -> None:
+    """Refuse (one line) to add results to a folder whose results were made with other settings; record the
+    settings in a new folder."""
+    path = Path(opts.out) / SETTINGS_FILE
+    wanted = opts.settings()
+    if path.is_file():
+        kept = json.loads(path.read_text())
+        diff = [f"{k} {kept.get(k)!r} (now {v!r})" for k, v in wanted.items() if k in kept and kept[k] != v]
+        if diff:
+            raise ValueError(f"{opts.out} holds results made with {', '.join(diff)}: give another --out (or leave --out "
+                             "out: the default folder is named after the backend and step counts)")
+        if all(k in kept for k in wanted):
+            return
+    elif (Path(opts.out) / "results").is_dir():  # made before results recorded their settings: checked per result
+        print(f"[noe] note: {opts.out} has results from before settings were recorded; each is checked on its own")
+    atomic_write_json(path, {**wanted, **(json.loads(path.read_text()) if path.is_file() else {})})
+
 
 def select_edits(manifest: dict, objects=None, types=None, limit: Optional[int] = None) -> list[dict]:
     edits = [e for e in manifest["edits"] if (not objects or e["object"] in objects) and (not types or e["type"] in types)]
@@ -83,6 +127,69 @@ def result_path(out: Path, method: str, edit_id: str, seed: int = 0) -> Path:
 
 def seeded(name: str, seed: int) -> str:
     return name if seed == 0 else f"{name}@seed{seed}"
+
+
+def provenance(opts: RunOptions, method: str, seed: int, source_fingerprint: Optional[str] = None) -> dict:
+    """What made a result: stored with it, so that a run never counts a result made otherwise as its own."""
+    from piva import __version__
+
+    return {**opts.settings(), "edit_steps": 0 if method == "no-edit" else opts.steps, "method": method,
+            "guidance_changes": method_variant(method)[1], "seed": seed, "piva": __version__,
+            "source_fingerprint": source_fingerprint}
+
+
+# Fields that a result made before provenance was recorded carries at its top level.
+_LEGACY_FIELDS = ("backend", "preset", "edit_steps", "seed", "guidance_changes")
+
+
+def stale_reason(result: dict, wanted: dict) -> Optional[str]:
+    """Why a stored result was not made by this run's settings (None: it was). The source fingerprint counts
+    where both sides know it; the piva version is recorded, not compared."""
+    made = result.get("provenance")
+    if made is None:  # older results: what they recorded at their top level
+        made = {k: result.get(k) for k in _LEGACY_FIELDS}
+        made["guidance_changes"] = made["guidance_changes"] or {}
+    for key, value in wanted.items():
+        if key == "piva" or key not in made:
+            continue
+        if key == "source_fingerprint" and (value is None or made[key] is None):
+            continue
+        if made[key] != value:
+            return f"{key} {made[key]!r}, not {value!r}"
+    return None
+
+
+def source_fingerprint_of(opts: RunOptions, obj: dict, method: str) -> Optional[str]:
+    """The fingerprint of the object's source scene as last prepared (None where not known yet)."""
+    if opts.backend != "nerfstudio":
+        return None
+    kept = object_dir(opts.prepare.root, obj) / "prepared.json" if opts.prepare is not None else None
+    if kept is None or not kept.is_file():
+        return None
+    splats = method_variant(method)[0] in SPLAT_METHODS
+    return json.loads(kept.read_text()).get("splat_source_fingerprint" if splats else "source_fingerprint")
+
+
+def stored_result(opts: RunOptions, obj: dict, edit: dict, method: str, seed: int) -> Optional[dict]:
+    """The stored result of (method, edit, seed) if this run's settings made it, else None (to run again)."""
+    path = result_path(opts.out, method, edit["id"], seed)
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        print(f"[noe] {path} cannot be read: running that edit again")
+        return None
+    why = stale_reason(result, provenance(opts, method, seed, source_fingerprint_of(opts, obj, method)))
+    if why is None and "metrics" not in result:
+        why = "no metrics (an incomplete result)"
+    made_for = result.get("edit") or {}
+    if why is None and any(made_for.get(k) != edit.get(k) for k in ("source_prompt", "target_prompt")):
+        why = f"other prompts ({made_for.get('source_prompt')!r} -> {made_for.get('target_prompt')!r})"
+    if why:
+        print(f"[noe] {path} was made with {why}: running that edit again")
+        return None
+    return result
 
 
 # ---------------------------------------------------------------------------- memory
@@ -142,6 +249,10 @@ class EditOutcome:
     """The evaluation cameras (piva.data.views.Camera), where the backend has them: exact toy figures need them."""
     resumed_after_steps: int = 0
     """Edit steps an earlier, stopped run had done: `wall_time_s` then covers only the rest."""
+    peak_memory: Optional[dict] = None
+    """Measured by the backend that ran the edit in another process (threestudio's launch.py); None: this process's."""
+    source_fingerprint: Optional[str] = None
+    """Of the source scene's checkpoint the edit started from (piva.io.file_fingerprint): what the result is made from."""
 
 
 class Backend(Protocol):
@@ -187,7 +298,8 @@ class NerfstudioBackend:
 
     def original(self, obj: dict, record: dict, cams: list, s: dict, splats: bool = False) -> torch.Tensor:
         """The original scene at the evaluation cameras, rendered once per object, orbit and representation."""
-        key = f"{s['views']}x{s['size']}-el{s['elevation']:g}-d{s['distance']:.3f}-f{s['fov_y']:.2f}"
+        fingerprint = record.get("splat_source_fingerprint" if splats else "source_fingerprint") or "unknown"
+        key = f"{s['views']}x{s['size']}-el{s['elevation']:g}-d{s['distance']:.3f}-f{s['fov_y']:.2f}-{fingerprint[:8]}"
         cache = object_dir(self.opts.prepare.root, obj) / f"original_eval_{key}{'-splat' if splats else ''}.pt"
         if cache.is_file():
             return torch.load(cache)
@@ -232,15 +344,22 @@ class NerfstudioBackend:
             cfg.experiment_name = seeded(edit["id"], seed)
             cfg.machine.seed = seed
             before = runs.latest_checkpoint(Path(cfg.get_base_dir()) / "nerfstudio_models")
-            resumed = runs.edit_steps_done(before) if before is not None else 0
-            run = runs.edit(cfg)
+            try:
+                resumed = runs.edit_steps_done(before) if before is not None else 0
+                run = runs.edit(cfg)
+            except runs.RunMismatch as exc:  # the benchmark's own scratch, made otherwise: start it again
+                print(f"[noe] discarding a stale edit run: {exc}".split(": resume")[0])
+                shutil.rmtree(cfg.get_base_dir())
+                resumed, t0 = 0, time.perf_counter()
+                run = runs.edit(cfg)
         wall = time.perf_counter() - t0
         cams, unique, setting = self.cameras(Path(record["data"]))
         original = self.original(obj, record, cams, setting, splats=splats)
         edited = original.clone() if run is None else self.render(run, edit["id"], cams)
         recon = self.reconstruction(obj, record) if method == "no-edit" else None
         return EditOutcome(edited, original, unique, setting, wall, run, recon, camera_list=cams,
-                           resumed_after_steps=0 if run is None else resumed)
+                           resumed_after_steps=0 if run is None else resumed,
+                           source_fingerprint=record.get("splat_source_fingerprint" if splats else "source_fingerprint"))
 
 
 class ThreestudioBackend:
@@ -293,7 +412,7 @@ class ThreestudioBackend:
         with FileLock(str(work / f".{obj['id']}.source.lock")):
             cmd, trial = backend.source_command(root, data, work, obj["id"], settings)
             if not list((trial / "save").glob("it*-test")):  # the test stage runs once training has finished
-                backend.run(cmd, root)
+                backend.run(cmd, root, trial)
         return backend.latest_checkpoint(trial), settings, orbit, capture
 
     def edit(self, edit: dict, obj: dict, method: str, seed: int = 0) -> EditOutcome:
@@ -310,13 +429,21 @@ class ThreestudioBackend:
         root = self.root
         source_ckpt, settings, orbit, capture = self.source(obj)
         orbit = {"elevation": orbit.elevation, "distance": orbit.distance, "fov_y": orbit.fov_y}
-        _reset_peak_memory(opts.device)
         t0 = time.perf_counter()
         cmd, edit_trial = backend.edit_command(root, method, source_ckpt, edit, Path(opts.out) / "threestudio",
                                                None if opts.preset != "full" else opts.edit_steps,
                                                eval_orbit=orbit, settings=settings, seed=seed)
-        backend.run(cmd, root)
-        return self.outcome(edit_trial, orbit, capture, time.perf_counter() - t0)
+        resumed = backend.latest_checkpoint(edit_trial)  # what the command resumes from (a stopped run's)
+        resumed = backend.checkpoint_step(resumed) if resumed is not None else 0
+        started = time.time()
+        memory = backend.run(cmd, root, edit_trial)  # launch.py's own peak, not this process's
+        if opts.device.startswith("cuda"):
+            memory.update(backend.gpu_peak(edit_trial, since=started))
+        outcome = self.outcome(edit_trial, orbit, capture, time.perf_counter() - t0)
+        from piva.io import file_fingerprint
+
+        return dataclasses.replace(outcome, resumed_after_steps=resumed, peak_memory=memory,
+                                   source_fingerprint=file_fingerprint(Path(source_ckpt).resolve()))
 
     @staticmethod
     def outcome(trial: Path, orbit: dict, capture: dict, wall: float) -> EditOutcome:
@@ -384,10 +511,37 @@ def image_text_for(edit: dict, models: dict, preset: str) -> tuple[Optional[obje
     return image_text, unavailable
 
 
+def edit_lock(opts: RunOptions, method: str, edit_id: str, seed: int):
+    """One writer per edit: held from before training until its result is stored (released by the kernel if
+    the holder dies). Another process already running it is told apart from a free edit at once."""
+    from filelock import FileLock
+
+    path = Path(opts.out) / "locks" / method / f"{seeded(edit_id, seed)}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path), timeout=0)
+
+
 def run_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict, seed: int = 0) -> dict:
-    """Prepare (if needed), edit, evaluate and store one (method, edit, seed); returns the stored record."""
+    """Prepare (if needed), edit, evaluate and store one (method, edit, seed); returns the stored record.
+    Raises NotAvailable when another process holds the edit."""
+    from filelock import Timeout
+
+    lock = edit_lock(opts, method, edit["id"], seed)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise NotAvailable(f"another process is running {method}/{seeded(edit['id'], seed)} (lock {lock.lock_file}): "
+                           "stop it or wait for it, then run again") from None
+    try:
+        done = stored_result(opts, obj, edit, method, seed)  # finished by another process since it was queued
+        return done if done is not None else _run_one_locked(edit, obj, method, opts, models, seed)
+    finally:
+        lock.release()
+
+
+def _run_one_locked(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict, seed: int) -> dict:
     outcome = BACKENDS[opts.backend](opts).edit(edit, obj, method, seed)
-    memory = _peak_memory_mb(opts.device)  # this process only; threestudio's own peak is in its logs
+    memory = outcome.peak_memory or _peak_memory_mb(opts.device)
     metrics, thumb = measure(edit, outcome, method, opts, models, seed)
     device = opts.device
     result = {
@@ -403,6 +557,8 @@ def run_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict, 
         "edited_run": str(outcome.run) if outcome.run else None, "thumbnail": thumb.name,
         "machine": {"device": device, "torch": torch.__version__, "platform": platform.platform(),
                     "gpu": torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None},
+        "provenance": provenance(opts, method, seed,
+                                 outcome.source_fingerprint or source_fingerprint_of(opts, obj, method)),
     }
     atomic_write_json(result_path(opts.out, method, edit["id"], seed), result)
     return result
@@ -490,7 +646,7 @@ def pending(manifest: dict, edits: list[dict], opts: RunOptions) -> list[tuple[d
     leaves whole seeds of whole methods to compare."""
     objects = {o["id"]: o for o in manifest["objects"]}
     return [(e, objects[e["object"]], m, s) for s in opts.seeds for m in opts.methods for e in edits
-            if not result_path(opts.out, m, e["id"], s).is_file()]
+            if stored_result(opts, objects[e["object"]], e, m, s) is None]
 
 
 def method_variant(method: str) -> tuple[str, dict]:
@@ -539,6 +695,9 @@ def method_variant(method: str) -> tuple[str, dict]:
 
 
 def check_methods(methods: Sequence[str]) -> None:
+    seen = [m for i, m in enumerate(methods) if m in methods[:i]]
+    if seen:
+        raise ValueError(f"--methods names {', '.join(sorted(set(seen)))} twice: give each method once")
     bad = [m for m in methods if method_variant(m)[0] not in METHODS + SPLAT_METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}: choose from {', '.join(METHODS + SPLAT_METHODS)} "
@@ -550,6 +709,7 @@ def rescore_benchmark(manifest: dict, edits: list[dict], opts: RunOptions) -> di
     from piva.noe.leaderboard import write_leaderboards
 
     check_methods(opts.methods)
+    check_out(opts)
     objects = {o["id"]: o for o in manifest["objects"]}
     stored = [(e, m, s) for s in opts.seeds for m in opts.methods for e in edits
               if result_path(opts.out, m, e["id"], s).is_file()]
@@ -573,6 +733,7 @@ def run_benchmark(manifest: dict, edits: list[dict], opts: RunOptions, ray_addre
     from piva.noe.leaderboard import write_leaderboards
 
     check_methods(opts.methods)
+    check_out(opts)
     todo = pending(manifest, edits, opts)
     total = len(edits) * len(opts.methods) * len(opts.seeds)
     if opts.preset == "toy":
@@ -597,17 +758,48 @@ def run_benchmark(manifest: dict, edits: list[dict], opts: RunOptions, ray_addre
         for i, (edit, obj, method, seed) in enumerate(todo, 1):
             print(f"[noe] ({i}/{len(todo)}) {method} :: {seeded(edit['id'], seed)}: "
                   f"'{edit['source_prompt']}' -> '{edit['target_prompt']}'")
-            try:
-                r = run_one(edit, obj, method, opts, models, seed)
-                m = r["metrics"]
-                print(f"[noe]   done{_took(r)}: " + ", ".join(
-                    f"{k} {m[k]:.4g}" for k in ("clip_score", "judge_score", "lpips", "psnr") if k in m))
-            except NotAvailable as exc:
-                failed[f"{method}/{seeded(edit['id'], seed)}"] = str(exc)
-                print(f"[noe]   skipped: {exc}")
+            error, summary = _edit_and_summarise(edit, obj, method, opts, models, seed)
+            print(f"[noe]   {summary or 'skipped: ' + error}")
+            if error:
+                failed[f"{method}/{seeded(edit['id'], seed)}"] = error
+    record_failures(opts.out, failed, [f"{m}/{seeded(e['id'], s)}" for e, _, m, s in todo])
     pages = write_leaderboards(opts.out, manifest_name=manifest.get("name", "noe"), reported=opts.reported)
     print(f"[noe] leaderboards: {pages['markdown']} and {pages['html']}")
     return {"done": total - len(todo), "ran": len(todo) - len(failed), "failed": failed, **pages}
+
+
+FAILURES_FILE = "failed.json"
+
+
+def record_failures(out: Path, failed: dict, attempted: list[str]) -> None:
+    """OUT/failed.json: the edits that could not run, with why (the error's last line); an edit that ran this
+    time leaves it, one not attempted keeps its entry."""
+    path = Path(out) / FAILURES_FILE
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    kept = {k: v for k, v in kept.items() if k not in attempted}
+    kept.update({k: {"why": v, "on": time.strftime("%Y-%m-%d %H:%M")} for k, v in failed.items()})
+    if kept or path.is_file():
+        atomic_write_json(path, kept)
+
+
+def _edit_and_summarise(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict,
+                        seed: int) -> tuple[Optional[str], str]:
+    """Run one edit: (None, what it measured) or (why it did not run: the error's last line, ''). An unexpected
+    error is the edit's own failure, never the run's: the other edits go on."""
+    import traceback
+
+    try:
+        r = run_one(edit, obj, method, opts, models, seed)
+    except NotAvailable as exc:
+        return str(exc), ""
+    except Exception as exc:
+        lines = traceback.format_exception_only(type(exc), exc)
+        where = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        at = f" (at {Path(where.filename).name}:{where.lineno})" if where else ""
+        return lines[-1].strip().splitlines()[-1][:500] + at, ""
+    m = r["metrics"]
+    return None, f"done{_took(r)}: " + ", ".join(
+        f"{k} {m[k]:.4g}" for k in ("clip_score", "judge_score", "lpips", "psnr") if k in m)
 
 
 def available_cores() -> int:
@@ -630,7 +822,15 @@ def _took(result: dict) -> str:
     return f" in {result['wall_time_s']} s"
 
 
-def _worker_start(threads: int) -> None:
+def _worker_start(threads: int, driver: int) -> None:
+    """A worker dies with its driver, whatever kills the driver (no orphans that train on and collide with a
+    rerun), and leaves Ctrl-C to the driver, which stops the pool."""
+    import signal
+
+    from piva.procs import die_with_parent
+
+    die_with_parent(driver)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
 
 
@@ -641,13 +841,7 @@ def _worker_edit(edit: dict, obj: dict, method: str, opts: RunOptions, seed: int
     """One edit in a worker process: (None, what it measured) or (why it could not run, '')."""
     if not _WORKER_MODELS:
         _WORKER_MODELS.update(models=load_models(opts))
-    try:
-        r = run_one(edit, obj, method, opts, _WORKER_MODELS["models"], seed)
-    except NotAvailable as exc:
-        return str(exc), ""
-    m = r["metrics"]
-    return None, f"done{_took(r)}: " + ", ".join(
-        f"{k} {m[k]:.4g}" for k in ("clip_score", "judge_score", "lpips", "psnr") if k in m)
+    return _edit_and_summarise(edit, obj, method, opts, _WORKER_MODELS["models"], seed)
 
 
 def _worker_prepare(obj: dict, opts: RunOptions, splats: bool) -> Optional[str]:
@@ -669,13 +863,15 @@ def _run_in_processes(todo, opts: RunOptions, workers: int) -> dict:
     Each result is stored by its worker as it finishes, so a killed run resumes as a sequential one does."""
     import concurrent.futures as cf
     import multiprocessing as mp
+    from concurrent.futures.process import BrokenProcessPool
 
     workers = min(workers, len(todo))
     threads = max(1, available_cores() // workers)
     print(f"[noe] {workers} worker processes, {threads} CPU thread(s) each")
     failed = {}
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_start,
-                                initargs=(threads,)) as pool:
+    pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_start,
+                                  initargs=(threads, os.getpid()))
+    try:
         # The source scenes go first in the queue, one object per job: edits come object by object, so a
         # worker would otherwise wait on another's preparation lock at every new object. No barrier: a worker
         # done with its scenes takes the first edits, whose scenes are ready by then.
@@ -686,15 +882,36 @@ def _run_in_processes(todo, opts: RunOptions, workers: int) -> dict:
                 for edit, obj, method, seed in todo}
         for i, job in enumerate(cf.as_completed(jobs), 1):
             edit, method, seed = jobs[job]
-            error, summary = job.result()
+            try:
+                error, summary = job.result()
+            except BrokenProcessPool:
+                error, summary = "a worker process died (killed, or out of memory): run again to resume", ""
             name = f"{method}/{seeded(edit['id'], seed)}"
             print(f"[noe] ({i}/{len(todo)}) {name}: " + (f"skipped: {error}" if error else summary), flush=True)
             if error:
                 failed[name] = error
         for job, name in preparing.items():  # its edits have recorded why they were skipped
-            if job.result():
-                print(f"[noe] {name}: not prepared: {job.result()}", flush=True)
+            why = job.exception() or job.result()
+            if why:
+                print(f"[noe] {name}: not prepared: {why}", flush=True)
+    except KeyboardInterrupt:  # stop within seconds: the workers ignore Ctrl-C, so end them here
+        print("[noe] interrupted: stopping the workers (finished edits are kept; run again to resume)", flush=True)
+        _stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
     return failed
+
+
+def _stop_pool(pool) -> None:
+    """End a process pool now: its queued jobs cancelled, its workers killed (an edit resumes from its
+    latest checkpoint on the next run)."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+    for p in processes:
+        p.join(timeout=10)
 
 
 def _run_with_ray(todo, opts: RunOptions, address: str) -> dict:
@@ -708,10 +925,10 @@ def _run_with_ray(todo, opts: RunOptions, address: str) -> dict:
 
     @ray.remote(num_gpus=gpus)
     def task(edit, obj, method, seed):
-        try:
-            return None, run_one(edit, obj, method, opts, load_models(opts), seed)["edit"]["id"]
-        except NotAvailable as exc:
-            return f"{method}/{seeded(edit['id'], seed)}", str(exc)
+        if not _WORKER_MODELS:  # once per Ray worker process, not per task
+            _WORKER_MODELS.update(models=load_models(opts))
+        error, _ = _edit_and_summarise(edit, obj, method, opts, _WORKER_MODELS["models"], seed)
+        return (f"{method}/{seeded(edit['id'], seed)}", error) if error else (None, None)
 
     failed = {}
     for key, value in ray.get([task.remote(e, o, m, s) for e, o, m, s in todo]):

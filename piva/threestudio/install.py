@@ -4,7 +4,7 @@
 
 It writes `<threestudio>/custom/threestudio-piva/`: an `__init__.py` that imports
 `piva.threestudio.extension` (which registers the modules) and `configs/`, a symlink
-to piva's `configs/threestudio` (a copy with --copy). The folder is not called
+to the installed package's `piva/threestudio/configs` (a copy with --copy). The folder is not called
 `piva`: launch.py imports each custom folder as a module named after the folder,
 so `custom/piva` would replace the real `piva` package in `sys.modules`.
 
@@ -29,6 +29,9 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 EXTENSION_DIR = "threestudio-piva"
+# Package data (pyproject.toml), so a wheel install has them as well as an editable one.
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIGS_DIR = PACKAGE_DIR / "configs"
 MARKER = "written by `python -m piva.threestudio.install`"
 # What piva's peft adapters need (pyproject.toml); read from piva's metadata when it is installed.
 PIVA_NEEDS = {"torch": ">=2.1", "diffusers": ">=0.32", "transformers": ">=4.40", "peft": ">=0.13"}
@@ -44,7 +47,7 @@ try:
 except ModuleNotFoundError as exc:
     if (exc.name or "").split(".")[0] != "piva":
         raise
-    raise ImportError("threestudio-piva needs piva in this Python: pip install -e {root}") from None
+    raise ImportError("threestudio-piva needs piva in this Python: {how}") from None
 '''
 
 LORA_NOTE = """
@@ -58,17 +61,22 @@ class InstallError(RuntimeError):
     """A problem the user must fix before the extension can be installed."""
 
 
-def piva_root() -> Path:
-    """The piva source checkout (the configs live beside the package, not inside it)."""
-    import piva
-
-    root = Path(piva.__file__).resolve().parent.parent
-    if not (root / "configs" / "threestudio").is_dir():
+def configs_dir() -> Path:
+    """The YAMLs shipped inside the package; found from this file, so any install (wheel or editable) works."""
+    if not any(CONFIGS_DIR.glob("*.yaml")):
         raise InstallError(
-            f"piva's configs/threestudio is not next to the installed package ({root}): "
-            "install piva from its source checkout with `pip install -e /path/to/piva`"
+            f"piva's threestudio configs are missing from the installed package ({CONFIGS_DIR}): "
+            "reinstall piva (`pip install /path/to/piva`)"
         )
-    return root
+    return CONFIGS_DIR
+
+
+def install_hint() -> str:
+    """How to get piva back into a Python: `pip install -e` of the checkout this package lives in, if it is one."""
+    checkout = PACKAGE_DIR.parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "piva" / "__init__.py").is_file():
+        return f"pip install -e {checkout}"
+    return "pip install /path/to/piva (or its wheel), the version that ran piva.threestudio.install"
 
 
 def piva_needs() -> Dict[str, str]:
@@ -175,7 +183,7 @@ def version_report(root: Path) -> Tuple[List[str], int]:
 
 def link_extension(root: Path, copy: bool = False, force: bool = False) -> Path:
     """Create `<root>/custom/threestudio-piva`; replaces an earlier install, refuses anything else without force."""
-    source = piva_root()
+    configs = configs_dir()
     dest = root / "custom" / EXTENSION_DIR
     if dest.exists() or dest.is_symlink():
         init = dest / "__init__.py"
@@ -186,8 +194,8 @@ def link_extension(root: Path, copy: bool = False, force: bool = False) -> Path:
         else:
             dest.unlink()
     dest.mkdir(parents=True)
-    (dest / "__init__.py").write_text(INIT_TEMPLATE.format(marker=MARKER, root=source))
-    links = {"configs": source / "configs" / "threestudio", "README.md": source / "piva" / "threestudio" / "README.md"}
+    (dest / "__init__.py").write_text(INIT_TEMPLATE.format(marker=MARKER, root=PACKAGE_DIR.parent, how=install_hint()))
+    links = {"configs": configs, "README.md": PACKAGE_DIR / "README.md"}
     for name, target in links.items():
         if not target.exists():
             continue

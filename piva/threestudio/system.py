@@ -21,6 +21,7 @@ from piva.threestudio.config import require_threestudio
 require_threestudio("piva.threestudio.system")
 
 import copy  # noqa: E402
+import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any, Dict, Optional  # noqa: E402
@@ -31,10 +32,27 @@ import torch.nn.functional as F  # noqa: E402
 from threestudio.systems.base import BaseLift3DSystem  # noqa: E402
 
 from piva.metrics import psnr  # noqa: E402
+from piva.threestudio.backend import GPU_PEAK_FILE  # noqa: E402
 from piva.threestudio.config import EDIT_SYSTEM_NAME, RECONSTRUCTION_SYSTEM_NAME  # noqa: E402
 
 ADAPTER_KEY = "piva_adapters"
 ORIGINAL = ("original_geometry", "original_material", "original_background", "original_renderer")
+
+
+def save_final_checkpoint(system: BaseLift3DSystem) -> None:
+    """Save the step a run ends at. Lightning's ModelCheckpoint saves every N steps only, so a run whose length
+    is no multiple of N would end with its newest checkpoint up to N-1 steps short (what an edit's
+    geometry_convert_from and a rerun read). Saved as the callback saves: the step file, then last.ckpt."""
+    trainer = system.trainer
+    callback = trainer.checkpoint_callback
+    if callback is None or getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
+        return
+    try:  # the callback's own steps (Lightning 2.0-2.6), so its top-k and link bookkeeping stay right
+        candidates = callback._monitor_candidates(trainer)
+        callback._save_topk_checkpoint(trainer, candidates)
+        callback._save_last_checkpoint(trainer, candidates)
+    except AttributeError:  # another Lightning: a plain last.ckpt
+        trainer.save_checkpoint(str(Path(callback.dirpath) / "last.ckpt"))
 
 
 def _scalar_logs(system: BaseLift3DSystem, values: Dict[str, Any], prefix: str = "train/") -> None:
@@ -171,10 +189,17 @@ class PivaEditSystem(BaseLift3DSystem):
             self._pending_adapters = state
 
     def on_train_end(self) -> None:
+        save_final_checkpoint(self)
         guidance = getattr(self, "guidance", None)
         if self.cfg.save_adapters and guidance is not None and guidance.core.distillation.adapters is not None:
             path = guidance.core.distillation.adapters.save(Path(self.get_save_dir()) / "piva-adapters")
             threestudio.info(f"[piva] adapters saved to {path} (diffusers LoRA folders)")
+
+    def on_test_end(self) -> None:
+        super().on_test_end()
+        if torch.cuda.is_available() and self._save_dir is not None:  # the edit's own peak (benchmark/run.py reads it)
+            peak = {"gpu_peak_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+            (Path(self.get_save_dir()) / GPU_PEAK_FILE).write_text(json.dumps(peak))
 
 
 @threestudio.register(RECONSTRUCTION_SYSTEM_NAME)
@@ -183,7 +208,7 @@ class PivaReconstructionSystem(BaseLift3DSystem):
 
     Losses: `lambda_rgb` * MSE to the images, `lambda_mask` * BCE of the opacity
     against the images' alpha (images without alpha have no mask loss). Its test step only renders, so the same system renders
-    any checkpoint at threestudio's orbit cameras (configs/threestudio/noe-eval-cameras.yaml).
+    any checkpoint at threestudio's orbit cameras (piva/threestudio/configs/noe-eval-cameras.yaml).
     """
 
     @dataclass
@@ -194,6 +219,9 @@ class PivaReconstructionSystem(BaseLift3DSystem):
 
     def forward(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         return self.renderer(**batch)
+
+    def on_train_end(self) -> None:
+        save_final_checkpoint(self)
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> Dict[str, Any]:
         out = self(batch)
