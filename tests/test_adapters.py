@@ -100,8 +100,12 @@ def test_memory_savers_leave_the_step_unchanged(tiny_dir):
         (grad,) = torch.autograd.grad(out.loss, x)
         losses = sd.update_adapters(rgb, depth=depth, source_rgb=original, source_depth=odepth,
                                     generator=torch.Generator().manual_seed(5))
+        savers = {"adapter": all(m.is_gradient_checkpointing for m in sd.adapters.models.values()),
+                  "encoder": prior.vae.is_gradient_checkpointing,
+                  "slicing": all(type(p).__name__ == "SlicedAttnProcessor" for p in prior.unet.attn_processors.values())}
+        assert savers == {k: k == name for k in savers}, (name, savers)  # the variant runs with its saver, alone
         result[name] = (grad, losses, adapter_params(sd, SOURCE) + adapter_params(sd, TARGET))
-    assert result["encoder"][0] is not None and result["plain"][0].abs().sum() > 0
+    assert result["plain"][0].abs().sum() > 0 and result["plain"][1]["target_adapter_loss"] > 0
     (g1, l1, p1), *others = result.values()
     for g2, l2, p2 in others:
         assert (g1 - g2).norm() < 1e-4 * g1.norm()  # sliced attention sums in another order: float noise only
@@ -112,10 +116,18 @@ def test_memory_savers_leave_the_step_unchanged(tiny_dir):
 
 
 def test_adapters_update_every_kth_call(prior):
+    """k=3: both adapters' weights move at calls 1, 4, 7 and stay bit-identical at the calls between."""
     sd = make(prior, adapter_update_every=3)
     rgb, depth = renders(0)
-    done = [bool(sd.update_adapters(rgb, depth=depth, source_rgb=rgb, source_depth=depth)) for _ in range(7)]
-    assert done == [True, False, False, True, False, False, True]
+    original, odepth = renders(1)
+    moved, reported = [], []
+    for _ in range(7):
+        before = {name: adapter_params(sd, name) for name in (SOURCE, TARGET)}
+        reported.append(bool(sd.update_adapters(rgb, depth=depth, source_rgb=original, source_depth=odepth)))
+        moved.append(tuple(not same(before[name], adapter_params(sd, name)) for name in (SOURCE, TARGET)))
+    updates = [True, False, False, True, False, False, True]
+    assert moved == [(u, u) for u in updates]
+    assert reported == updates
 
 
 def test_an_adapter_update_changes_only_adapter_parameters(prior):
@@ -127,6 +139,39 @@ def test_an_adapter_update_changes_only_adapter_parameters(prior):
     lora_after = {k: v for k, v in prior.unet.state_dict().items() if ".lora_" in k}
     changed = {k.split(".lora_")[1].split(".")[1] for k in lora_before if not torch.equal(lora_before[k], lora_after[k])}
     assert changed == {SOURCE, TARGET}
+
+
+def test_calls_outside_a_route_run_the_base_model(tiny_dir):
+    """After injection peft would leave the last adapter (target) active: a UNet/ControlNet call outside
+    `route_adapters` must equal the same prior without any adapters, and differ from the target-routed call."""
+    from conftest import randomize_adapters
+
+    prior = DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu")
+    sd = make(prior)
+    for k, model in enumerate(sd.adapters.models.values()):
+        randomize_adapters(model, 11 + k)
+    plain = DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu")
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, prior.unet.config.in_channels, 8, 8, generator=g)
+    t = torch.tensor([300, 700])
+    text = torch.cat([sd.source_text, sd.target_text])
+    control = sd.control_of(renders(4, b=2)[1], z)
+
+    def unrouted(p):
+        down, mid = p.controlnet(z, t, encoder_hidden_states=text, controlnet_cond=control, return_dict=False)
+        return p.unet(z, t, encoder_hidden_states=text, down_block_additional_residuals=down,
+                      mid_block_additional_residual=mid).sample
+
+    with torch.no_grad():
+        base = unrouted(plain)
+        routed = sd.adapters.predict(z, t, text, [TARGET, TARGET], control)
+        outside = unrouted(prior)  # after a routed call too: the route ends with its `with` block
+        unet_alone = prior.unet(z, t, encoder_hidden_states=text).sample
+        unet_alone_base = plain.unet(z, t, encoder_hidden_states=text).sample
+    torch.testing.assert_close(outside, base, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unet_alone, unet_alone_base, rtol=1e-5, atol=1e-6)
+    assert (routed - base).abs().max() > 1e-2
+    assert all(p.requires_grad for name in (SOURCE, TARGET) for p in sd.adapters.parameters[name])  # still trained
 
 
 def test_adapters_round_trip_in_diffusers_format(tiny_dir, tmp_path):

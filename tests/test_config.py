@@ -97,3 +97,81 @@ def test_opacity_entropy_against_hand_values():
     acc = torch.tensor([0.3, 0.6], requires_grad=True)
     opacity_entropy(acc).backward()
     assert acc.grad[0] > 0 > acc.grad[1]  # descent pushes each ray towards its nearer end
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("mode", "vsd"), ("identity_weight", -0.1), ("identity_weight", float("nan")),
+        ("guidance_scale", 0.0), ("adapter_guidance_scale", 0.5), ("target_only_guidance_scale", -1.0),
+        ("t_range", (0.5, 0.5)), ("t_range", (0.1, 1.2)), ("annealed_range", (-0.1, 0.5)), ("annealed_range", (0.3,)),
+        ("adapter_rank", 0), ("adapter_rank", 2.5), ("adapter_lr", 0.0), ("adapter_lr", -1e-4),
+        ("adapter_update_every", 0), ("noise_draws", 0), ("anneal_step", -1), ("target_only_steps", -1),
+        ("pixel_gradient", "jacobian"), ("same_latent", "yes"), ("use_controlnet", None), ("target_prompt", None),
+    ],
+)
+def test_every_bad_field_is_refused_where_the_config_is_made(field, value):
+    """At construction (CLI, YAML, sweep, `dataclasses.replace`), one line that names the field and the value."""
+    with pytest.raises(ValueError) as err:
+        GuidanceConfig(**{field: value})
+    message = str(err.value)
+    assert "\n" not in message and (field in message or "mode" in message) and repr(value) in message, message
+    with pytest.raises(ValueError):
+        dataclasses.replace(GuidanceConfig(source_prompt="a red cube", target_prompt="a blue cube"), **{field: value})
+    cfg = GuidanceConfig(source_prompt="a red cube", target_prompt="a blue cube")
+    setattr(cfg, field, value)  # changed in place after construction: validate() still refuses it
+    with pytest.raises(ValueError):
+        cfg.validate()
+
+
+def test_prompts_may_come_after_the_config():
+    """nerfstudio's defaults and the benchmark build the config without prompts and fill them in later:
+    construction accepts empty prompts, validate() (run before any model loads) refuses them."""
+    cfg = GuidanceConfig(identity_weight=0.2, anneal_step=2000, same_latent=False)
+    with pytest.raises(ValueError, match="target prompt is empty"):
+        cfg.validate()
+    with pytest.raises(ValueError, match="needs a source prompt"):
+        dataclasses.replace(cfg, target_prompt="a blue cube").validate()
+    with pytest.raises(ValueError, match="target prompt is empty"):
+        dataclasses.replace(cfg, source_prompt="a red cube", target_prompt=" \t").validate()
+    dataclasses.replace(cfg, source_prompt="a red cube", target_prompt="a blue cube").validate()
+    GuidanceConfig(mode="sds", target_prompt="a blue cube").validate()  # SDS needs no source prompt
+    # The edges that work are accepted: lambda 0 (the sweep's ablation), U[0, T) and a range list from YAML.
+    ok = GuidanceConfig(identity_weight=0, t_range=[0, 1], annealed_range=[0.02, 0.5], guidance_scale=1.0)
+    assert ok.t_range == (0.0, 1.0) and ok.annealed_range == (0.02, 0.5)
+
+
+def test_every_registered_method_config_is_valid():
+    pytest.importorskip("nerfstudio")
+    from piva.nerfstudio.piva_config import METHODS
+
+    for name, spec in METHODS.items():
+        guidance = spec.config.pipeline.guidance
+        dataclasses.replace(guidance, source_prompt="a red cube", target_prompt="a blue cube").validate()
+
+
+@pytest.mark.parametrize("flag", ["mixed_precision", "use_grad_scaler"])
+@pytest.mark.parametrize("method", ["piva", "piva-dds", "piva-splat"])
+def test_mixed_precision_is_refused_before_anything_loads(flag, method, tmp_path, capsys):
+    """The pipeline backpropagates the score outside nerfstudio's AMP grad scaler, whose unscale would shrink
+    it 65536-fold: `ns-train piva --mixed-precision True` stops in one line at set-up, before data or weights."""
+    pytest.importorskip("nerfstudio")
+    import copy
+
+    from piva.nerfstudio.piva_config import METHODS
+    from piva.nerfstudio.piva_trainer import PivaTrainer
+
+    config = copy.deepcopy(METHODS[method].config)
+    config.pipeline.guidance = dataclasses.replace(config.pipeline.guidance, source_prompt="a red cube",
+                                                   target_prompt="a blue cube")
+    config.pipeline.datamanager.data = tmp_path / "no-data-here"  # set-up would fail on it: the refusal comes first
+    config.output_dir = tmp_path
+    assert not getattr(config, flag)  # the methods' own setting
+    setattr(config, flag, True)
+    with pytest.raises(SystemExit) as stop:
+        PivaTrainer(config)
+    message = str(stop.value)
+    assert message.startswith("piva: error:") and "\n" not in message, message
+    assert f"--{flag.replace('_', '-')} False" in message and method in message
+    setattr(config, flag, False)
+    PivaTrainer(config)  # the same config otherwise passes the trainer's checks (nothing loads until setup())

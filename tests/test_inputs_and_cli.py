@@ -63,6 +63,8 @@ def test_controlnet_for_another_model_is_refused(tiny_dir, tmp_path):
         (dict(mode="piva", source_prompt="a red cube", target_prompt="  "), "target prompt is empty"),
         (dict(mode="dds", source_prompt="", target_prompt="a blue cube"), "needs a source prompt"),
         (dict(mode="vsd", source_prompt="a", target_prompt="b"), "unknown guidance mode"),
+        (dict(mode="piva", source_prompt="a", target_prompt="b", identity_weight=-1.0), "identity_weight=-1.0"),
+        (dict(mode="piva", source_prompt="a", target_prompt="b", t_range=(0.9, 0.1)), r"t_range=\(0.9, 0.1\)"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -140,8 +142,16 @@ def test_edit_image_cli_moves_the_image_towards_the_target(tmp_path, capsys):
     assert end < start - 0.02, (start, end)
     rgb = lambda x: x[0][:, mask]  # noqa: E731 - the object's pixels [3, n]
     assert (rgb(after)[2] - rgb(after)[0]).mean() > (rgb(before)[2] - rgb(before)[0]).mean() + 0.08  # blue gains on red
-    strip = Image.open(out / "progress.png")
-    assert strip.size[1] == 32 and strip.size[0] >= 3 * 32
+    # The progress strip, read back: the input, after steps 1-3, the result (4 steps: a snapshot every step).
+    strip = np.asarray(Image.open(out / "progress.png").convert("RGB")).astype(int)
+    assert strip.shape == (32, 5 * 32, 3), strip.shape
+    panels = [strip[:, i * 32:(i + 1) * 32] for i in range(5)]
+    assert np.abs(panels[0] - np.asarray(Image.open(image).convert("RGB")).astype(int)).max() <= 1  # the input
+    assert np.array_equal(panels[-1], np.asarray(Image.open(out / "edited.png").convert("RGB")))  # the result
+    assert not any(np.array_equal(a, b) for a, b in zip(panels, panels[1:]))  # every step moved the image
+    # The object's blue - red, input to result (measured: -0.43 -> -0.28)
+    blue_minus_red = [(x[..., 2] - x[..., 0])[mask.numpy()].mean() / 255 for x in panels]
+    assert blue_minus_red[-1] > blue_minus_red[0] + 0.08, blue_minus_red
 
 
 def test_edit_image_ctrl_c_writes_the_latest_result(tiny_dir, tmp_path, monkeypatch, capsys):
@@ -194,6 +204,23 @@ def test_edit_image_checks_the_image_before_loading_the_model(tiny_dir, tmp_path
     assert loads == [], "the model was loaded before the image was checked"
     assert seconds < 2, seconds
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+@pytest.mark.parametrize("option, value, field", [("--identity-weight", "-0.5", "identity_weight"),
+                                                  ("--adapter-lr", "0", "adapter_lr"),
+                                                  ("--t-range", "0.9 0.1", "t_range")])
+def test_edit_image_refuses_bad_numbers_before_loading_the_model(tiny_dir, tmp_path, monkeypatch, capsys,
+                                                                  option, value, field):
+    loads = []
+    real = DiffusionPrior.from_pretrained.__func__
+    monkeypatch.setattr(DiffusionPrior, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a) or real(cls, *a, **k)))
+    code = main(["edit-image", "--image", str(EXAMPLE), "--source", "a red cube", "--target", "a blue cube",
+                 "--model", str(tiny_dir), "--steps", "2", "--out", str(tmp_path / "run"), "--device", "cpu",
+                 option, *value.split()])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"piva: error: {field}=") and "\n" not in err, err
+    assert loads == [] and not (tmp_path / "run").exists()
 
 
 def test_cli_errors_are_one_line(tiny_dir, tmp_path):

@@ -242,9 +242,10 @@ def test_lpips_loads_without_nerfstudio(tmp_path, weights):
     from piva.metrics.evaluate import ALEXNET_FILE
 
     torch_home = tmp_path / "torch"
-    if weights == "cached":  # load_lpips only checks the file is there; the metric is not computed here
-        (torch_home / "hub" / "checkpoints").mkdir(parents=True)
-        (torch_home / "hub" / "checkpoints" / ALEXNET_FILE).write_bytes(b"")
+    if weights == "cached":  # a readable AlexNet file (seeded random weights: the real ones cannot be downloaded)
+        from test_metrics import write_alexnet
+
+        assert write_alexnet(torch_home).name == ALEXNET_FILE
     env = {**os.environ, "TORCH_HOME": str(torch_home), "HF_HUB_OFFLINE": "1"}
     res = subprocess.run([sys.executable, "-c", _WITHOUT_NERFSTUDIO], capture_output=True, text=True, env=env,
                          cwd=ROOT, timeout=120)
@@ -564,6 +565,8 @@ def test_duplicate_methods_are_refused():
     with pytest.raises(ValueError, match="piva twice"):
         check_methods(["piva", "dds", "piva"])
     check_methods(["piva", "piva+identity_weight=0"])
+    with pytest.raises(ValueError, match="piva\\+identity_weight=-1: .*identity_weight"):
+        check_methods(["piva+identity_weight=-1"])
 
 
 def test_seeds_are_runs_of_their_own_and_pair_only_with_the_same_seed(tmp_path):

@@ -121,3 +121,41 @@ def test_a_users_manifest_needs_only_what_the_runner_reads(tmp_path):
     (tmp_path / "broken.json").write_text("{ not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         validate(tmp_path / "broken.json")
+
+
+@pytest.mark.parametrize("bad", ["teddy@seed1", ".hidden", "a/b", "a b", "", "tëddy", "x:y"])
+@pytest.mark.parametrize("kind", ["objects", "edits"])
+def test_ids_must_be_safe_path_parts(kind, bad):
+    """Object and edit ids become folder names, unquoted config values and `<edit>@seed1` result names: one
+    line per bad id, saying what to use."""
+    sample = json.loads((ROOT / "examples" / "my-objects.json").read_text())
+    item = sample[kind][0]
+    if kind == "objects" and bad:
+        for e in sample["edits"]:
+            if e["object"] == item["id"]:
+                e["object"] = bad  # the edits follow the object, so the id is the only problem
+    item["id"] = bad
+    with pytest.raises(ManifestError) as err:
+        validate(sample)
+    lines = [x.strip() for x in str(err.value).splitlines()]
+    id_lines = [x for x in lines if x.startswith(f"{kind}/0/id:")]
+    assert len(id_lines) == 1 and (bad == "" or lines[0] == "1 problem(s):"), lines  # "": edits name no object
+    assert id_lines[0] == (f"{kind}/0/id: id {bad!r} is not usable: ids become folder names and config values, "
+                                "so use letters, digits, '_', '-' and '.' only, not starting with '.' ('@' is "
+                                "reserved for seeds: <edit>@seed1)")
+
+
+def test_every_bundled_manifest_has_safe_ids():
+    import re
+
+    for path in (ROOT / "benchmark" / "noe" / "manifest.json", ROOT / "benchmark" / "noe" / "toy-manifest.json",
+                 ROOT / "examples" / "my-objects.json"):
+        m = validate(path, full_benchmark=path.name == "manifest.json")
+        ids = [x["id"] for x in m["objects"] + m["edits"]]
+        assert all(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", i) for i in ids), path
+    ok = json.loads((ROOT / "examples" / "my-objects.json").read_text())
+    ok["objects"][0]["id"] = "v1.2_teddy-B"  # dots inside, underscores, dashes and capitals are fine
+    for e in ok["edits"]:
+        if e["object"] == "teddy":
+            e["object"] = "v1.2_teddy-B"
+    validate(ok)

@@ -119,10 +119,13 @@ def test_routed_batch_equals_one_call_per_adapter_and_depth_reaches_the_unet(rea
         down, mid = prior.controlnet(z[1:2], t[1:2], encoder_hidden_states=text[1:2], controlnet_cond=flat, return_dict=False)
         other_depth = prior.unet(z[1:2], t[1:2], encoder_hidden_states=text[1:2], down_block_additional_residuals=down,
                                  mid_block_additional_residual=mid).sample
-        for m in (prior.unet, prior.controlnet):  # back to what the guidance expects: routing per call
+        for m in (prior.unet, prior.controlnet):  # back to what the guidance expects: no adapter outside routes
             for layer in m.modules():
                 if isinstance(layer, LoraLayer):
-                    layer.set_adapter([SOURCE, TARGET])
+                    layer.set_adapter([])
+            for name, p in m.named_parameters():  # set_adapter froze them; both adapters train
+                if ".lora_" in name:
+                    p.requires_grad_(True)
     torch.testing.assert_close(batched, torch.cat(separate), rtol=1e-4, atol=1e-4)
     assert (batched[1] - batched[2]).abs().max() > 1e-3  # the adapters differ
     assert (other_depth[0] - batched[1]).abs().max() > 1e-4  # the depth map conditions the prediction

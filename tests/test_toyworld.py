@@ -132,9 +132,13 @@ def test_judge_ranks_the_true_caption_first():
     from piva.toyworld.judge import classify, create_judge
 
     model, _, tok = create_judge()
-    data = make_dataset(72, seed=4242)
+    # The README's figure as measured (piva.toyworld.quality.measure, seed 0): 600 held-out renders, all 72
+    # captions, top-1 0.902 (docs/toyworld.md); the README rounds it to 0.90. The sample is the measured one,
+    # so no sampling noise: the bar is the claim itself, to its rounding.
+    data = make_dataset(600, seed=20_000)
+    assert len(data["captions"]) == 72
     probs = classify(model, tok, data["rgb"], data["captions"])
-    assert (probs.argmax(-1) == data["caption_index"]).float().mean() > 0.7
+    assert (probs.argmax(-1) == data["caption_index"]).float().mean().item() >= 0.895
 
 
 @needs_weights
@@ -166,6 +170,27 @@ def test_psnr_against_hand_values():
 DEMO_STEPS = 40
 
 
+def assert_pictures_show_the_edit(out: Path, tag: str) -> None:
+    """The demo's red -> blue pictures, read back: the turntable GIF has 36 turning frames of [before | after]
+    views, the PNG a row of 6 before views over 6 after views; neither is blank, and the after side differs
+    from the before side and is bluer (NeRF demo, measured: halves differ by 0.022 a pixel, blue - red
+    rises by 0.065; frames 90 degrees apart differ by 0.022)."""
+    import imageio.v3 as iio
+
+    blue_minus_red = lambda x: float((x[..., 2] - x[..., 0]).mean())  # noqa: E731
+    gif = iio.imread(out / f"turntable_{tag}.gif", index=None)[..., :3] / 255.0  # [frames, H, W, 3]
+    assert gif.shape[0] == 36 and gif.shape[2] == 2 * gif.shape[1], gif.shape
+    before, after = gif[:, :, : gif.shape[2] // 2], gif[:, :, gif.shape[2] // 2 :]
+    png = iio.imread(out / f"before_after_{tag}.png")[..., :3] / 255.0
+    h = png.shape[0] // 2
+    assert png.shape[1] == 6 * h, png.shape
+    for old, new in ((before, after), (png[:h], png[h:])):
+        assert old.std() > 0.05 and new.std() > 0.05  # an object on the backdrop, not a flat image
+        assert np.abs(new - old).mean() > 0.005
+        assert blue_minus_red(new) > blue_minus_red(old) + 0.01
+    assert np.abs(gif[0] - gif[9]).mean() > 0.005  # the table turns
+
+
 @needs_weights
 @pytest.mark.slow
 def test_demo_end_to_end_quick(tmp_path):
@@ -180,7 +205,7 @@ def test_demo_end_to_end_quick(tmp_path):
     moved = (torch.tensor(m["object_rgb"]) - torch.tensor(m["object_rgb_original"])) @ direction
     assert moved > 0.06, m
     assert m["background_psnr_vs_original"] > 30, m
-    assert (tmp_path / "turntable_piva.gif").stat().st_size > 0 and (tmp_path / "before_after_piva.png").is_file()
+    assert_pictures_show_the_edit(tmp_path, "piva")
     assert result["registered_method"] == "piva-object" and result["geometry"] == "auto"
     assert result["edit_geometry"] is False  # red -> blue is a colour edit: the method's rule keeps the geometry
     edited = Path(result["outputs"]["edited_run"])
@@ -203,7 +228,7 @@ def test_splat_demo_recolours_the_splat_scene(tmp_path):
     assert moved > SPLAT_DEMO_MOVED, m
     assert m["background_psnr_vs_original"] > 28, m
     assert result["registered_method"] == "piva-splat" and result["edit_geometry"] is False
-    assert (tmp_path / "turntable_piva-splat.gif").stat().st_size > 0 and (tmp_path / "before_after_piva-splat.png").is_file()
+    assert_pictures_show_the_edit(tmp_path, "piva-splat")
 
 
 SPLAT_DEMO_MOVED = 0.06

@@ -109,6 +109,7 @@ class DualAdapters:
     ) -> None:
         from diffusers.training_utils import cast_training_params
         from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
 
         if use_controlnet and prior.controlnet is None:
             raise ValueError("adapters on the ControlNet need a prior loaded with a depth ControlNet (controlnet=...)")
@@ -133,9 +134,16 @@ class DualAdapters:
         if checkpointing:  # acts only where gradients are recorded: the update, never the no-grad score
             for model in self.models.values():
                 model.enable_gradient_checkpointing()
+        # No adapter is active outside `route_adapters`: peft would otherwise apply the last injected one
+        # (target) to every unrouted call, e.g. a base-model sample drawn from the same prior. Routed rows
+        # name their adapter per sample and do not read the active set.
+        for layer in (m for model in self.models.values() for m in model.modules() if isinstance(m, BaseTunerLayer)):
+            layer.set_adapter([])
         # LoRA B starts at zero: both adapters begin as the base model (Alg. 1).
         self.parameters = {name: self._adapter_parameters(name) for name in (SOURCE, TARGET)}
-        # peft marks both adapters trainable (the base stays frozen); train them in fp32 on a half-precision base.
+        for p in self.parameters[SOURCE] + self.parameters[TARGET]:  # set_adapter froze the inactive ones
+            p.requires_grad_(True)
+        # Both adapters train (the base stays frozen), in fp32 on a half-precision base.
         cast_training_params(list(self.models.values()), torch.float32)
         self.optimizer = torch.optim.AdamW(
             [{"params": self.parameters[SOURCE], "name": SOURCE}, {"params": self.parameters[TARGET], "name": TARGET}],

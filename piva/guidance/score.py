@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Optional, Tuple
 
@@ -37,6 +39,23 @@ _ROWS = {
 # PiVa's identity term (eq. 9) on the edited z_t: psi = source adapter, phi = target adapter.
 _ADAPTER_ROWS = {"psi": (_EDITED, "source", SOURCE), "phi": (_EDITED, "target", TARGET)}
 _ADAPTER_UNCOND_ROWS = {"psi_uncond": (_EDITED, "uncond", SOURCE), "phi_uncond": (_EDITED, "uncond", TARGET)}
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _range(name: str, value) -> Tuple[float, float]:
+    """A timestep range as a (low, high) tuple of floats with 0 <= low < high <= 1 (lists from YAML/CLI accepted)."""
+    try:
+        if isinstance(value, (str, bytes)) or any(isinstance(v, bool) for v in value):
+            raise TypeError
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r}: give two fractions of T, low and high, e.g. (0.02, 0.98)") from None
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"{name}={value!r}: give 0 <= low < high <= 1 (fractions of T), e.g. (0.02, 0.98)")
+    return lo, hi
 
 
 def _cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -115,26 +134,55 @@ class GuidanceConfig:
     Jacobian) or "decoded" (the latent step decoded by the VAE, D(z) - D(z - grad)). A small VAE's
     encoder can bend the direction (toy world: red->blue became cyan, docs/toyworld.md)."""
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
+        """Bad values fail where the config is made (CLI, YAML, sweep), before any model loads; prompts are
+        checked by `validate()` only, because front ends build the config first and fill them in later."""
+        self.t_range, self.annealed_range = (_range(n, getattr(self, n)) for n in ("t_range", "annealed_range"))
+        self.check_fields()
+
+    def check_fields(self) -> None:
+        """Every field but the prompts' contents: one ValueError line naming the field, the value and what to give."""
         if self.mode not in MODES:
             raise ValueError(f"unknown guidance mode {self.mode!r}: choose one of {', '.join(MODES)}")
+        for name in ("t_range", "annealed_range"):
+            _range(name, getattr(self, name))
+        for name in ("source_prompt", "target_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not text: give the caption as a string")
+        for name in ("guidance_scale", "adapter_guidance_scale", "target_only_guidance_scale"):
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and 1 <= value < math.inf):
+                raise ValueError(f"{name}={value!r}: guidance scales must be >= 1 (1: conditional prediction only)")
+        if not (_is_number(self.identity_weight) and 0 <= self.identity_weight < math.inf):
+            raise ValueError(f"identity_weight={self.identity_weight!r}: lambda must be >= 0 (paper: 0.4 "
+                             "objects, 0.2 real scenes; 0 turns the regulariser off)")
+        if not (_is_number(self.adapter_lr) and 0 < self.adapter_lr < math.inf):
+            raise ValueError(f"adapter_lr={self.adapter_lr!r}: give a learning rate > 0 (paper: 1e-4)")
+        whole = {"adapter_rank": 1, "noise_draws": 1, "adapter_update_every": 1, "anneal_step": 0, "target_only_steps": 0}
+        hints = {"adapter_rank": "4: the default", "noise_draws": "1: one noise sample per step, as in the paper",
+                 "adapter_update_every": "1: update the adapters at every step",
+                 "anneal_step": "None: never anneal", "target_only_steps": "0: the mode's own score from the first step"}
+        for name, low in whole.items():
+            value = getattr(self, name)
+            if value is None and name in ("anneal_step", "target_only_steps"):
+                continue
+            if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low):
+                raise ValueError(f"{name}={value!r}: give a whole number >= {low} ({hints[name]})")
+        for name in ("same_latent", "use_controlnet", "adapter_checkpointing", "encoder_checkpointing", "attention_slicing"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name == "same_latent"):
+                raise ValueError(f"{name}={value!r}: give true or false")
+        if self.pixel_gradient not in ("encoder", "decoded"):
+            raise ValueError(f"pixel_gradient {self.pixel_gradient!r}: choose 'encoder' (paper) or 'decoded'")
+
+    def validate(self) -> None:
+        """Everything, prompts included: what a front end calls once the prompts are in (fields may have been
+        changed in place since construction, so they are checked again)."""
+        self.check_fields()
         if not self.target_prompt.strip():
             raise ValueError("the target prompt is empty: describe the result you want, e.g. 'a blue cube'")
         if self.mode != "sds" and not self.source_prompt.strip():
             raise ValueError(f"{self.mode} needs a source prompt describing the original, e.g. 'a red cube'")
-        scales = (self.guidance_scale, self.adapter_guidance_scale, self.target_only_cfg)
-        if min(x for x in scales if x is not None) < 1:
-            raise ValueError("guidance scales must be >= 1")
-        if self.adapter_rank < 1 or self.adapter_lr <= 0:
-            raise ValueError("adapter_rank must be >= 1 and adapter_lr > 0")
-        if self.noise_draws < 1:
-            raise ValueError("noise_draws must be >= 1 (1: one noise sample per step, as in the paper)")
-        if (self.target_only_steps or 0) < 0:
-            raise ValueError("target_only_steps must be >= 0 (0: the mode's own score from the first step)")
-        if self.adapter_update_every < 1:
-            raise ValueError("adapter_update_every must be >= 1 (1: update the adapters at every step)")
-        if self.pixel_gradient not in ("encoder", "decoded"):
-            raise ValueError(f"pixel_gradient {self.pixel_gradient!r}: choose 'encoder' (paper) or 'decoded'")
 
     @property
     def target_only_cfg(self) -> float:

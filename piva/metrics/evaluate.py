@@ -10,6 +10,7 @@ every figure it produces is labelled as such.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -64,12 +65,18 @@ def find_clip_weights(model: str = "ViT-B-32", pretrained: str = "openai") -> Op
     return None
 
 
+def _file_key(path: Path) -> tuple:
+    """What identifies a weights file's contents for the per-process caches: a replaced file is loaded again."""
+    st = path.stat()  # of the file a cache symlink points to; the name keeps its suffix (open_clip reads the format off it)
+    return str(path.absolute()), st.st_size, st.st_mtime_ns
+
+
 def load_clip(
     model: str = "ViT-B-32", pretrained: str = "openai", weights: Optional[Union[str, Path]] = None, device: str = "cpu"
 ) -> ImageTextModel:
-    """CLIP through open_clip (OpenAI ViT-B/32 by default; ViT-L-14 as an option), local weights only."""
-    import open_clip
+    """CLIP through open_clip (OpenAI ViT-B/32 by default; ViT-L-14 as an option), local weights only.
 
+    Built once per process for each model, weights file and device (every edit of a benchmark scores with it)."""
     path = Path(weights) if weights else find_clip_weights(model, pretrained)
     if path is None or not path.is_file():
         raise MetricUnavailable(
@@ -77,8 +84,15 @@ def load_clip(
             + (f" ({weights} does not exist)" if weights else "")
             + ": pass --clip-weights FILE or run once with network to fill the cache"
         )
-    clip, _, _ = open_clip.create_model_and_transforms(model, pretrained=str(path), device=device)
-    clip.eval()
+    return _build_clip(model, pretrained, _file_key(path), str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=4)
+def _build_clip(model: str, pretrained: str, weights: tuple, device: str) -> ImageTextModel:
+    import open_clip
+
+    clip, _, _ = open_clip.create_model_and_transforms(model, pretrained=weights[0], device=device)
+    clip.eval().requires_grad_(False)  # shared by every caller of the process: inference only
     tok = open_clip.get_tokenizer(model)
     cfg = open_clip.get_pretrained_cfg(model, pretrained) or {}
     mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
@@ -98,22 +112,45 @@ def load_clip(
     return ImageTextModel(f"open_clip {model} ({pretrained})", images, texts, is_clip=True)
 
 
+LPIPS_NAME = "LPIPS AlexNet (torchmetrics, inputs [0,1] -> [-1,1])"
+
+
 def load_lpips(net: str = "alex", device: str = "cpu") -> tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """torchmetrics' LPIPS (AlexNet; inputs in [0,1], scaled to [-1,1] inside), cached weights only."""
+    """torchmetrics' LPIPS (AlexNet; inputs in [0,1], scaled to [-1,1] inside), cached weights only.
+
+    The network is built here, once per process for each AlexNet file and device (torchmetrics' functional
+    LPIPS builds it again on every call: an AlexNet per view), so an unreadable file fails here, not mid-run."""
     if net != "alex":
         raise MetricUnavailable(f"LPIPS net {net!r}: only 'alex' (the Noe protocol) is supported")
-    if not alexnet_cached():
+    path = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
+    if not path.is_file():
         raise MetricUnavailable(
             f"LPIPS needs AlexNet weights ({ALEXNET_FILE}) in {torch.hub.get_dir()}/checkpoints: copy them there"
         )
-    from torchmetrics.functional.image import learned_perceptual_image_patch_similarity as lpips
+    return _build_lpips(_file_key(path), str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=4)
+def _build_lpips(alexnet: tuple, device: str) -> tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    from torchmetrics.functional.image.lpips import _NoTrainLpips
+
+    try:  # torchvision reads the file from the hub cache (the key's path)
+        net = _NoTrainLpips(net="alex").to(device)
+    except Exception as exc:  # an empty, truncated or foreign file
+        raise MetricUnavailable(
+            f"AlexNet weights {alexnet[0]} ({alexnet[1]} bytes) cannot be read ({type(exc).__name__}): "
+            f"replace the file with torchvision's {ALEXNET_FILE}"
+        ) from None
+    net.eval().requires_grad_(False)  # shared by every caller of the process: inference only (train() is a no-op)
 
     @torch.no_grad()
     def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.stack([lpips(x[None].float(), y[None].float(), net_type="alex", normalize=True)
-                            for x, y in zip(a.clamp(0, 1), b.clamp(0, 1))])
+        """Per-pair LPIPS [N] of [N,3,H,W] images in [0,1], 16 pairs a batch."""
+        a, b = a.clamp(0, 1).float(), b.clamp(0, 1).float()
+        return torch.cat([net(x.to(device), y.to(device), normalize=True).flatten().cpu()
+                          for x, y in zip(a.split(16), b.split(16))])
 
-    return "LPIPS AlexNet (torchmetrics, inputs [0,1] -> [-1,1])", fn
+    return LPIPS_NAME, fn
 
 
 def evaluate_views(

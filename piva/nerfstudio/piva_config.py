@@ -48,7 +48,8 @@ def piva_trainer_config(method_name: str = "piva", guidance: Optional[dict] = No
         steps_per_save=250,
         max_num_iterations=15000,
         save_only_latest_checkpoint=True,
-        # Our backward pass runs inside the pipeline (two-pass rendering), outside the AMP grad scaler.
+        # Our backward pass runs inside the pipeline (two-pass rendering), outside the AMP grad scaler:
+        # PivaTrainer refuses --mixed-precision True (and --use-grad-scaler True) before anything loads.
         mixed_precision=False,
         pipeline=pipeline,
         optimizers={

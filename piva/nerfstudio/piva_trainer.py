@@ -34,6 +34,13 @@ class PivaTrainer(Trainer):
     config: PivaTrainerConfig
 
     def __init__(self, config: PivaTrainerConfig, *args, **kwargs) -> None:
+        # The pipeline backpropagates the score itself, outside nerfstudio's AMP grad scaler: the scaler's
+        # unscale would divide that gradient by its scale (65536) before each step and the edit would stall.
+        for flag in ("mixed_precision", "use_grad_scaler"):
+            if getattr(config, flag, False):
+                _fail(f"--{flag.replace('_', '-')} True does not work with {config.method_name}: its edit gradient "
+                      f"bypasses the AMP grad scaler and would stall; run with --{flag.replace('_', '-')} False "
+                      "(--pipeline.diffusion-dtype float16 halves the diffusion model instead)")
         try:  # bad prompts or settings: one line, before any data or weights are loaded
             config.pipeline.guidance.validate()
         except ValueError as exc:

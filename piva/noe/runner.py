@@ -698,6 +698,15 @@ def check_methods(methods: Sequence[str]) -> None:
     seen = [m for i, m in enumerate(methods) if m in methods[:i]]
     if seen:
         raise ValueError(f"--methods names {', '.join(sorted(set(seen)))} twice: give each method once")
+    from piva.guidance.score import GuidanceConfig
+
+    for m in methods:  # a knob's bad value (e.g. identity_weight=-1) is refused before anything runs
+        changes = method_variant(m)[1]
+        if changes:
+            try:
+                GuidanceConfig(**changes)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{m}: {exc}") from None
     bad = [m for m in methods if method_variant(m)[0] not in METHODS + SPLAT_METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}: choose from {', '.join(METHODS + SPLAT_METHODS)} "

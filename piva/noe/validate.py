@@ -55,7 +55,7 @@ def validate(manifest: Union[dict, str, Path], full_benchmark: bool = False) -> 
             raise ManifestError(f"not valid JSON ({exc})") from None
     schema = load_schema() if full_benchmark else runner_schema()
     problems = [
-        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {_message(e)}"
         for e in sorted(jsonschema.Draft202012Validator(schema).iter_errors(manifest), key=lambda e: list(e.path))
     ]
     objects = {o.get("id"): o for o in manifest.get("objects", []) if isinstance(o, dict)}
@@ -91,6 +91,14 @@ def validate(manifest: Union[dict, str, Path], full_benchmark: bool = False) -> 
     if problems:
         raise ManifestError(f"{len(problems)} problem(s):\n  " + "\n  ".join(problems))
     return manifest
+
+
+def _message(error) -> str:
+    """The schema's message, or for an id what to give instead of the pattern itself."""
+    if error.validator == "pattern" and list(error.absolute_path)[-1:] == ["id"]:
+        return (f"id {error.instance!r} is not usable: ids become folder names and config values, so use letters, "
+                "digits, '_', '-' and '.' only, not starting with '.' ('@' is reserved for seeds: <edit>@seed1)")
+    return error.message
 
 
 def _toy_caption_problems(edit: dict) -> list:

@@ -9,6 +9,7 @@ of the object's pixels, silhouette against the true geometry) live here too.
 from __future__ import annotations
 
 import colorsys
+import functools
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -41,15 +42,25 @@ def register_judge_config(directory: Optional[Path] = None) -> None:
 
 
 def create_judge(pretrained: Optional[Union[str, Path]] = None):
-    """(model, preprocess, tokenizer) via open_clip; `pretrained` defaults to the committed weights."""
-    import open_clip
+    """(model, preprocess, tokenizer) via open_clip; `pretrained` defaults to the committed weights.
 
-    register_judge_config()
+    Built once per process for each weights file (a rewritten file is loaded again): every edit of a run
+    is judged, and the model is shared, in eval mode and frozen, by all who ask for it."""
     path = Path(pretrained) if pretrained else WEIGHTS / "judge" / "open_clip_model.safetensors"
     if pretrained is None and not path.is_file():
         raise FileNotFoundError(f"judge weights {path} missing: run scripts/train_toy_prior.py")
-    model, _, preprocess = open_clip.create_model_and_transforms(JUDGE_NAME, pretrained=str(path) if path.is_file() else None)
-    model.eval()
+    key = (str(path.absolute()),) + ((path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else ())
+    return _build_judge(key)
+
+
+@functools.lru_cache(maxsize=4)
+def _build_judge(key: tuple):
+    import open_clip
+
+    register_judge_config()
+    path = key[0] if len(key) > 1 else None  # no file: an untrained judge, as open_clip builds it
+    model, _, preprocess = open_clip.create_model_and_transforms(JUDGE_NAME, pretrained=path)
+    model.eval().requires_grad_(False)
     return model, preprocess, open_clip.get_tokenizer(JUDGE_NAME)
 
 
