@@ -108,6 +108,9 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"piva: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("[noe] stopped: finished edits are stored; run the same command again to resume", file=sys.stderr)
+        return 130
     if summary["failed"]:
         print(f"[noe] {len(summary['failed'])} edit(s) could not run (data missing); see above")
     return 0

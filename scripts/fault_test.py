@@ -3,9 +3,9 @@
     .venv/bin/python scripts/fault_test.py --kills 20        # prints a report; exits 1 on any fault
 
 A short toy run (2 edits x no-edit and sds on one object, 2 workers) is run once uninterrupted, then again
-in another folder while being killed `--kills` times with SIGKILL at random moments -- sometimes the whole
-process group (driver and workers), sometimes the driver alone, whose workers must then die by themselves
--- and run to the end. After every kill: no process of the run is left, every JSON file parses, every
+in another folder while being stopped `--kills` times at random moments -- by turns SIGKILL of the whole
+process group (driver and workers), SIGKILL of the driver alone (whose workers must then die by themselves)
+and Ctrl-C (SIGINT) of the driver (which must stop within 10 s) -- and run to the end. After every kill: no process of the run is left, every JSON file parses, every
 stored result is whole. At the end: the same results as the uninterrupted run (no-edit exactly; an sds
 edit resumed from a checkpoint within `--tolerance-db` PSNR: a resumed run draws other noise), each edit's
 checkpoints holding exactly its steps, and the same leaderboard rows.
@@ -26,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EDIT_STEPS = 4
+KINDS = ("group", "driver", "interrupt")
+"""SIGKILL of the process group (driver and workers), SIGKILL of the driver alone, SIGINT (Ctrl-C) of the driver."""
 
 
 def args(edits: int = 2, source_steps: int = 150) -> list[str]:
@@ -132,7 +134,7 @@ def fault_run(work: Path, kills: int, seed: int = 0, tolerance_db: float = 1.0, 
     for k in range(kills):
         p = start(faulty, extra)
         at = rng.uniform(2.0, 0.7 * took)  # a rerun repeats its start-up and whatever the kill lost
-        whole_group = rng.random() < 0.5
+        kind = KINDS[k % len(KINDS)]
         deadline = time.perf_counter() + at
         while time.perf_counter() < deadline and p.poll() is None:
             time.sleep(0.1)
@@ -141,18 +143,29 @@ def fault_run(work: Path, kills: int, seed: int = 0, tolerance_db: float = 1.0, 
             p.communicate()
             kinds.append("finished first")
             continue
-        if whole_group:
+        sent = time.perf_counter()
+        if kind == "group":
             os.killpg(p.pid, signal.SIGKILL)
-        else:
+        elif kind == "driver":
             p.kill()  # the driver alone: its workers must die by themselves
-        p.communicate()
-        kinds.append("group" if whole_group else "driver")
+        else:
+            p.send_signal(signal.SIGINT)  # Ctrl-C: the driver stops its pool and exits within seconds
+        try:
+            p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            problems.append(f"kill {k + 1} ({kind}) at {at:.1f} s: the driver did not stop within 30 s")
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+        kinds.append(kind)
         survivors = []
         for _ in range(100):  # the workers' watch notices within a second or two
             survivors = group_alive(p.pid)
             if not survivors:
                 break
             time.sleep(0.1)
+        stopped = time.perf_counter() - sent
+        if kind == "interrupt" and stopped > 10:
+            problems.append(f"kill {k + 1} (interrupt): the run took {stopped:.1f} s to stop")
         if survivors:
             problems.append(f"kill {k + 1} ({kinds[-1]}) at {at:.1f} s: {len(survivors)} process(es) survived it")
             for pid in survivors:
