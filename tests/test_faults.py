@@ -3,7 +3,6 @@
 import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -64,8 +63,7 @@ def test_a_stale_temporary_of_a_dead_worker_is_not_a_result(tmp_path):
     good = tmp_path / "results" / "piva" / "e.json"
     good.parent.mkdir(parents=True)
     good.write_text(json.dumps({"metrics": {}, "provenance": {}}))
-    (good.parent / f".e.json.host-1.tmp.json").write_text('{"half')
+    (good.parent / ".e.json.host-1.tmp.json").write_text('{"half')
     assert script.problems_on_disk(tmp_path) == []
     good.write_text('{"metrics": ')
     assert len(script.problems_on_disk(tmp_path)) == 1
-    assert sys.executable

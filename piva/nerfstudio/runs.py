@@ -360,15 +360,9 @@ def _reset_event_writers() -> None:
     them, so a later run does not log into an earlier run's files nor leak their handles."""
     from nerfstudio.utils import writer
 
-    for w in list(writer.EVENT_WRITERS):
-        for closer in ("close", "flush"):
-            inner = getattr(getattr(w, "tb_writer", None), closer, None) or getattr(w, closer, None)
-            if callable(inner):
-                try:
-                    inner()
-                except Exception:  # a writer that cannot close must not stop the run
-                    pass
-                break
+    for w in writer.EVENT_WRITERS:
+        if hasattr(w, "tb_writer"):  # tensorboard holds an open event file; the local writer holds nothing
+            w.tb_writer.close()
     writer.EVENT_WRITERS.clear()
     writer.EVENT_STORAGE.clear()
 

@@ -102,17 +102,15 @@ def check_out(opts: RunOptions) -> None:
     settings in a new folder."""
     path = Path(opts.out) / SETTINGS_FILE
     wanted = opts.settings()
-    if path.is_file():
-        kept = json.loads(path.read_text())
-        diff = [f"{k} {kept.get(k)!r} (now {v!r})" for k, v in wanted.items() if k in kept and kept[k] != v]
-        if diff:
-            raise ValueError(f"{opts.out} holds results made with {', '.join(diff)}: give another --out (or leave --out "
-                             "out: the default folder is named after the backend and step counts)")
-        if all(k in kept for k in wanted):
-            return
-    elif (Path(opts.out) / "results").is_dir():  # made before results recorded their settings: checked per result
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    diff = [f"{k} {kept[k]!r} (now {v!r})" for k, v in wanted.items() if k in kept and kept[k] != v]
+    if diff:
+        raise ValueError(f"{opts.out} holds results made with {', '.join(diff)}: give another --out (or leave --out "
+                         "out: the default folder is named after the backend and step counts)")
+    if not kept and (Path(opts.out) / "results").is_dir():  # results from before settings were recorded
         print(f"[noe] note: {opts.out} has results from before settings were recorded; each is checked on its own")
-    atomic_write_json(path, {**wanted, **(json.loads(path.read_text()) if path.is_file() else {})})
+    if kept != {**kept, **wanted}:
+        atomic_write_json(path, {**kept, **wanted})
 
 
 def select_edits(manifest: dict, objects=None, types=None, limit: Optional[int] = None) -> list[dict]:
@@ -488,7 +486,6 @@ def toy_vocabulary_problem(edit: dict) -> Optional[str]:
 
 def toy_figures(edit: dict, outcome: "EditOutcome", judge: Optional[tuple] = None) -> dict:
     """The judge's success per view and preservation against the exact toy scenes, on the unique evaluation views."""
-    from piva.data.views import Camera
     from piva.toyworld.evaluate import exact_edit_figures
     from piva.toyworld.scenes import Scene
 
