@@ -1,7 +1,7 @@
 """Per-step cost of SDS, DDS and PiVa on one tiny model, measured side by side.
 
-Prints UNet/ControlNet forward calls and rows per step, and the time per step as a
-ratio to DDS. A "step" is what an editing loop does once: encode the render,
+Prints UNet/ControlNet forward calls and rows per step, aten operators dispatched per
+step (what a launch-bound GPU pays for), and the time per step as a ratio to DDS. A "step" is what an editing loop does once: encode the render,
 score it, backpropagate into the render, and (PiVa) update both adapters.
 
     .venv/bin/python benchmark/perf.py [--steps 20] [--size 64] [--device cpu]
@@ -23,6 +23,7 @@ import torch  # noqa: E402
 from piva.guidance import GuidanceConfig, ScoreDistillation  # noqa: E402
 from piva.prior import DiffusionPrior  # noqa: E402
 from piva.prior.tiny import build_tiny_prior  # noqa: E402
+from real_size import count_ops  # noqa: E402  (benchmark/, beside this script)
 
 
 def count_calls(prior: DiffusionPrior) -> Counter:
@@ -55,6 +56,7 @@ def main() -> None:
         "dds": dict(mode="dds"),  # true source latent (original DDS)
         "dds same-latent": dict(mode="dds", same_latent=True),
         "piva 2D (UNet LoRA)": dict(mode="piva", use_controlnet=False),
+        "piva 3D, peft's mixed-batch routing": dict(mode="piva", adapter_routing="peft"),
         "piva 3D (+depth ControlNet)": dict(mode="piva"),
     }
     runs = {}
@@ -78,6 +80,7 @@ def main() -> None:
 
     for sd, *_ in runs.values():  # warm-up
         one_step(sd, 0)
+    ops = {name: count_ops(sd, x0, x0, depth, 1) for name, (sd, *_) in runs.items()}
     for _, counts, *_ in runs.values():
         counts.clear()
     for i in range(args.steps):  # interleaved so that machine noise hits every method alike
@@ -87,16 +90,20 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
 
     base = median(runs["dds"][2])
+    base_ops = ops["dds"]["ops"]
     print(f"{args.steps} steps, {args.size}x{args.size} render, tiny UNet (32,64,64), device {args.device}, "
           f"torch threads {torch.get_num_threads()}\n")
     print("| method | UNet calls/step | UNet rows/step (with grad) | ControlNet calls/step | ControlNet rows/step "
-          "| ms/step (median) | of which adapter update | × DDS | × DDS without update |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| aten ops/step: score + update (× DDS) | ms/step (median) | of which adapter update | × DDS "
+          "| × DDS without update |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (_, c, times, update_times) in runs.items():
         med, upd = median(times), median(update_times)
         n = args.steps
         print(f"| {name} | {c['unet calls'] / n:.0f} | {c['unet rows'] / n:.0f} ({c['unet rows with grad'] / n:.0f}) "
-              f"| {c['controlnet calls'] / n:.0f} | {c['controlnet rows'] / n:.0f} | {1000 * med:.1f} | {1000 * upd:.1f} "
+              f"| {c['controlnet calls'] / n:.0f} | {c['controlnet rows'] / n:.0f} "
+              f"| {ops[name]['score_ops']:,} + {ops[name]['adapter_ops']:,} ({ops[name]['ops'] / base_ops:.1f}) "
+              f"| {1000 * med:.1f} | {1000 * upd:.1f} "
               f"| {med / base:.2f} | {(med - upd) / base:.2f} |")
 
 

@@ -92,6 +92,34 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+class OpCount(TorchDispatchMode):
+    """aten operators dispatched while the block runs (views and in-place ops included): on a GPU each
+    non-view op is a kernel launch or more, so their number is what a launch-bound step pays for.
+    Enter it inside `LiveBytes` on the meta device (which answers the values read back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(sd: ScoreDistillation, rgb: torch.Tensor, src: torch.Tensor, depth: torch.Tensor, i: int = 0) -> dict:
+    """aten ops of one step's phases, as `one_step` runs them: the score with its backward to the pixels,
+    and the adapters' update (optimizer step included)."""
+    g = torch.Generator().manual_seed(i)
+    x = rgb.detach().requires_grad_(True)
+    with OpCount() as score:
+        out = sd.step(x, depth=depth, source_rgb=src, step=i, generator=g)
+        torch.autograd.grad(out.loss, x)
+        del out
+    with OpCount() as update:
+        sd.update_adapters(x.detach(), depth=depth, source_rgb=src, source_depth=depth, generator=g)
+    return {"score_ops": score.total, "adapter_ops": update.total, "ops": score.total + update.total}
+
+
 @contextlib.contextmanager
 def flash_attention_on_meta():
     """Attention on meta tensors as a GPU runs it (flash: output and log-sum-exp kept, no L x L matrix);
@@ -177,6 +205,7 @@ def measure(case: dict, args: argparse.Namespace, device: torch.device) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     with FlopCounterMode(display=False) as counter:
         one_step(sd, rgb, src, depth, 10_000, sync)
+    ops = count_ops(sd, rgb, src, depth, 10_001)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -196,7 +225,7 @@ def measure(case: dict, args: argparse.Namespace, device: torch.device) -> dict:
         "adapters_s": round(mean("adapters_s"), 4),
         "tflop_per_step": round(counter.get_total_flops() / 1e12, 3),
         "weights_gib": round(weights / 2**30, 2), "peak_gib": round(peak / 2**30, 2),
-        "finite": all(p["finite"] for p in phases),
+        "finite": all(p["finite"] for p in phases), **ops,
     }
     del sd, prior
     return row
@@ -219,18 +248,18 @@ def estimate(case: dict, args: argparse.Namespace, dtype: str) -> dict:
     g = dict(case["guidance"], source_prompt=SOURCE, target_prompt=TARGET)
     sd = ScoreDistillation(prior, GuidanceConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()}))
     size = args.size or case["render_short_side"]
-    resident, peak, flops = estimate_step(sd, *inputs(size, torch.device("cpu"), args.seed, args.views))
+    resident, peak, flops, ops = estimate_step(sd, *inputs(size, torch.device("cpu"), args.seed, args.views))
     return {
         "method": case["method"], "mode": case["guidance"]["mode"],
         "same_latent": GuidanceConfig(mode=case["guidance"]["mode"], same_latent=case["guidance"]["same_latent"]).uses_same_latent,
         "views": args.views, "render": size, "dtype": str(prior.dtype).replace("torch.", ""), "estimated": True,
         "step_s": None, "tflop_per_step": round(flops / 1e12, 3),
-        "weights_gib": round(resident / 2**30, 2), "peak_gib": round(peak / 2**30, 2),
+        "weights_gib": round(resident / 2**30, 2), "peak_gib": round(peak / 2**30, 2), **ops,
     }
 
 
-def estimate_step(sd: ScoreDistillation, rgb: torch.Tensor, src: torch.Tensor, depth: torch.Tensor) -> tuple[int, int, int]:
-    """(resident bytes, peak bytes, FLOPs) of one step, with everything moved to the meta device first."""
+def estimate_step(sd: ScoreDistillation, rgb: torch.Tensor, src: torch.Tensor, depth: torch.Tensor) -> tuple[int, int, int, dict]:
+    """(resident bytes, peak bytes, FLOPs, aten ops) of one step, with everything moved to the meta device first."""
     from torch.utils.flop_counter import FlopCounterMode
 
     meta = torch.device("meta")
@@ -240,9 +269,18 @@ def estimate_step(sd: ScoreDistillation, rgb: torch.Tensor, src: torch.Tensor, d
         sd.prior.to(meta)  # peft leaves new LoRA weights on the CPU beside a meta base layer: all of it moves
     finally:
         torch.__future__.set_swap_module_params_on_conversion(swap)
-    if sd.adapters is not None:  # state from steps already taken moves with its parameters (Adam's step count stays)
+    if sd.adapters is not None:  # state from steps already taken moves with its parameters
         for state in sd.adapters.optimizer.state.values():
-            state.update({k: v.to(meta) for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() > 0})
+            state.update({k: v.to(meta) for k, v in state.items() if isinstance(v, torch.Tensor)})
+        # The fused AdamW a GPU runs: its kernel has a meta form, only its first step's device check refuses
+        # meta, so the state that step would make is made here.
+        for group in sd.adapters.optimizer.param_groups:
+            group.update(fused=True, foreach=None)
+            for p in group["params"]:
+                state = sd.adapters.optimizer.state[p]
+                if not state:
+                    state.update(step=torch.zeros((), device=meta), exp_avg=torch.zeros_like(p),
+                                 exp_avg_sq=torch.zeros_like(p))
     sd.uncond_text, sd.source_text, sd.target_text = (x.to(meta) for x in (sd.uncond_text, sd.source_text, sd.target_text))
     rgb, src, depth = (x.to(meta) for x in (rgb, src, depth))
     with flash_attention_on_meta():
@@ -254,13 +292,15 @@ def estimate_step(sd: ScoreDistillation, rgb: torch.Tensor, src: torch.Tensor, d
             one_step(sd, rgb, src, depth, 1, lambda: None)
         with counter, LiveBytes():  # LiveBytes answers the input checks' `.item()` on meta
             one_step(sd, rgb, src, depth, 2, lambda: None)
-    return resident, resident + live.peak, counter.get_total_flops()
+        with LiveBytes():
+            ops = count_ops(sd, rgb, src, depth, 3)
+    return resident, resident + live.peak, counter.get_total_flops(), ops
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", nargs="+", default=["piva", "piva-small", "piva-dds", "piva-sds"])
-    p.add_argument("--variants", nargs="*", default=["piva-dds:same_latent=True"],
+    p.add_argument("--variants", nargs="*", default=["piva-dds:same_latent=True", "piva:adapter_routing=peft"],
                    help="METHOD:FIELD=VALUE[,FIELD=VALUE] rows beside the registered ones (e.g. DDS on the shared z_t)")
     p.add_argument("--model", help="real weights (hub id or folder); default: random weights, shipped configs")
     p.add_argument("--controlnet", help="real depth ControlNet for --model")
@@ -303,15 +343,19 @@ def main() -> None:
     for r in rows:
         r["x_dds_step"] = round(r["step_s"] / base["step_s"], 2) if base and r["step_s"] else None
         r["x_dds_flop"] = round(r["tflop_per_step"] / base["tflop_per_step"], 2) if base else None
+        r["x_dds_ops"] = round(r["ops"] / base["ops"], 2) if base else None
     info = {"device": {"cuda": lambda: torch.cuda.get_device_name(), "meta": lambda: "meta (estimate from shapes)"}.get(
                 device.type, lambda: platform.processor() or "cpu")(),
             "torch": torch.__version__, "weights": a.model or "random (shipped configs)", "rows": rows}
     a.out.write_text(json.dumps(info, indent=1))
-    print(f"{'method':34s} {'render':>6s} {'dtype':>9s} {'s/step':>7s} {'x dds':>6s} {'TFLOP':>7s} {'peak GiB':>8s}")
+    print(f"{'method':34s} {'render':>6s} {'dtype':>9s} {'s/step':>7s} {'x dds':>6s} {'TFLOP':>7s} {'x dds':>6s} "
+          f"{'aten ops (score + update)':>26s} {'x dds':>6s} {'peak GiB':>8s}")
     for r in rows:
         step = f"{r['step_s']:7.3f}" if r["step_s"] else f"{'-':>7s}"
+        ops = f"{r['score_ops']:,} + {r['adapter_ops']:,}"
         print(f"{r['method']:34s} {r['render']:6d} {r['dtype']:>9s} {step} {r['x_dds_step'] or 0:6.2f} "
-              f"{r['tflop_per_step']:7.2f} {r['peak_gib']:8.2f}")
+              f"{r['tflop_per_step']:7.2f} {r['x_dds_flop'] or 0:6.2f} {ops:>26s} {r['x_dds_ops'] or 0:6.2f} "
+              f"{r['peak_gib']:8.2f}")
 
 
 if __name__ == "__main__":

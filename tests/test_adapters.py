@@ -132,11 +132,12 @@ def test_adapters_update_every_kth_call(prior):
 
 def test_an_adapter_update_changes_only_adapter_parameters(prior):
     sd = make(prior)
-    lora_before = {k: v.clone() for k, v in prior.unet.state_dict().items() if ".lora_" in k}
+    per_adapter = lambda k: ".lora_A." in k or ".lora_B." in k  # noqa: E731  peft's keys (views of the stacked weights)
+    lora_before = {k: v.clone() for k, v in prior.unet.state_dict().items() if per_adapter(k)}
     rgb, depth = renders(0)
     for _ in range(3):
         sd.update_adapters(rgb, depth=depth, source_rgb=rgb, source_depth=depth)
-    lora_after = {k: v for k, v in prior.unet.state_dict().items() if ".lora_" in k}
+    lora_after = {k: v for k, v in prior.unet.state_dict().items() if per_adapter(k)}
     changed = {k.split(".lora_")[1].split(".")[1] for k in lora_before if not torch.equal(lora_before[k], lora_after[k])}
     assert changed == {SOURCE, TARGET}
 
@@ -171,7 +172,7 @@ def test_calls_outside_a_route_run_the_base_model(tiny_dir):
     torch.testing.assert_close(outside, base, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(unet_alone, unet_alone_base, rtol=1e-5, atol=1e-6)
     assert (routed - base).abs().max() > 1e-2
-    assert all(p.requires_grad for name in (SOURCE, TARGET) for p in sd.adapters.parameters[name])  # still trained
+    assert all(p.requires_grad for p in sd.adapters.trainable)  # still trained
 
 
 def test_adapters_round_trip_in_diffusers_format(tiny_dir, tmp_path):
@@ -309,3 +310,79 @@ def test_routed_adapters_trace_under_torch_compile(tiny_dir):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-2 * float(a.abs().max()))
     for a, b in zip(eager_losses, losses):
         assert a["target_adapter_loss"] == pytest.approx(b["target_adapter_loss"], rel=1e-3)
+
+
+def test_target_adapter_trained_on_the_score_calls_own_draw(tiny_dir):
+    """adapter_target_from_score: the update's target rows are the step's own z_t and t (its phi row, computed
+    here by hand from the step's noise), the source rows a fresh draw of their own."""
+    prior = DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu")
+    sd = make(prior, adapter_target_from_score=True)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 4, 16, 16, generator=g)
+    noise = torch.randn(1, 4, 16, 16, generator=g)
+    depth = renders(1)[1]
+    seen = []
+    hook = prior.unet.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0].detach().clone(), args[1].clone())), with_kwargs=True)
+    try:
+        sd.step(latents=z, depth=depth, t=321, noise=noise)
+        seen.clear()
+        sd.update_adapters(latents=z, depth=depth, source_latents=z, source_depth=depth, generator=g)
+    finally:
+        hook.remove()
+    (sample, t), = seen
+    a = prior.scheduler.alphas_cumprod[321].float()
+    torch.testing.assert_close(sample[1:], a.sqrt() * z + (1 - a).sqrt() * noise, rtol=1e-5, atol=1e-6)
+    assert t.tolist()[1] == 321 and t.tolist()[0] != 321
+    assert not torch.allclose(sample[:1], sample[1:], atol=1e-3)  # the source row drew its own noise
+    with pytest.raises(ValueError, match="call step"):
+        sd.update_adapters(latents=z, depth=depth, source_latents=z, source_depth=depth)
+
+
+def test_cuda_graphs_without_cuda_say_so_once_and_run_eager(tiny_dir):
+    """On a machine without CUDA the option warns in one line and the step is the eager one."""
+    import warnings as w
+
+    from piva.guidance import graphs
+
+    results = []
+    for on in (False, True):
+        graphs._WARNED.clear()
+        prior = DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu")
+        torch.manual_seed(0)
+        with w.catch_warnings(record=True) as caught:
+            w.simplefilter("always")
+            sd = make(prior, cuda_graphs=on)
+            z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+            depth = renders(2)[1]
+            grad = sd.step(latents=z, depth=depth, t=400, noise=torch.ones_like(z)).grad
+            losses = sd.update_adapters(latents=z, depth=depth, source_latents=z, source_depth=depth,
+                                        generator=torch.Generator().manual_seed(2))
+        said = [str(c.message) for c in caught if "cuda_graphs" in str(c.message)]
+        assert said == ([f"cuda_graphs=True needs a CUDA device (this prior is on cpu): running eager"] if on else [])
+        results.append((grad, losses))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    assert results[0][1] == results[1][1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graphs_equal_eager_steps(tiny_dir):
+    """Captured and replayed, a PiVa edit's steps (score and update) give eager's numbers."""
+    runs = []
+    for on in (False, True):
+        prior = DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cuda",
+                                               dtype="float32")
+        torch.manual_seed(0)
+        sd = make(prior, cuda_graphs=on)
+        z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1)).cuda()
+        depth = renders(2)[1].cuda()
+        g = torch.Generator().manual_seed(3)
+        steps = []
+        for i in range(7):  # eager warm-up, capture, replays
+            grad = sd.step(latents=z, depth=depth, step=i, generator=g).grad
+            steps.append((grad.cpu(), sd.update_adapters(latents=z, depth=depth, source_latents=z,
+                                                         source_depth=depth, generator=g)))
+        runs.append(steps)
+    for (g1, l1), (g2, l2) in zip(*runs):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+        assert l1["target_adapter_loss"] == pytest.approx(l2["target_adapter_loss"], rel=1e-4)

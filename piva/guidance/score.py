@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from piva.guidance.adapters import BASE, SOURCE, TARGET, DualAdapters, depth_to_control
+from piva.guidance.graphs import Captured, cuda_graphs_available
 from piva.guidance.prompts import adds_to_source
 from piva.guidance.schedule import AnnealedTimesteps, sds_weight
 from piva.prior.loading import DiffusionPrior
@@ -79,10 +80,9 @@ class GuidanceConfig:
     target_prompt: str = ""
     """Describes the wanted result."""
     guidance_scale: Optional[float] = None
-    """Classifier-free guidance of the frozen base model. None: the model's own recommendation
+    """Classifier-free guidance of the frozen base model. None (default): the model's own recommendation
     (`DiffusionPrior.guidance_scale`: a `piva.json` in its folder), else the paper's 7.5. The toy prior
-    recommends 3: at 7.5 a colour edit saturates (blue -> "a red cylinder": flat RGB 0.99/0.10/0.10, judge
-    0 %; at 3: 0.53/0.10/0.10, 100 %) and shape changes and additions do as well or better (docs/toyworld.md)."""
+    recommends 3 (docs/toyworld.md#the-guidance-scale-belongs-to-the-model)."""
     adapter_guidance_scale: float = 1.0
     """Classifier-free guidance of the source/target adapters (1.0: conditional only, as in the paper)."""
     identity_weight: float = 0.4
@@ -96,8 +96,8 @@ class GuidanceConfig:
     anneal_step: Optional[int] = None
     """Step at which the range anneals; None keeps `t_range` throughout."""
     noise_draws: int = 1
-    """Noise samples averaged per step (same view, same t; 1: the paper): a lower-variance update for
-    UNet rows, not renders. In the toy world 4 draws left a 3D addition as it was (docs/toyworld.md)."""
+    """Noise samples averaged per step (same view, same t; default 1, the paper): a lower-variance update for
+    the UNet rows, not the renders (docs/toyworld.md#what-failed)."""
     adapter_rank: int = 4
     """LoRA rank of each adapter."""
     adapter_lr: float = 1e-4
@@ -107,6 +107,18 @@ class GuidanceConfig:
     adapter_update_every: int = 1
     """Update the adapters at every k-th call (1: every step, as in the paper). Larger k costs less per step
     (score + update/k) and lets the target adapter lag the edit further behind."""
+    adapter_target_from_score: bool = False
+    """Train the target adapter on the score call's own noisy latent and timestep (the same z_t, noise and t
+    as the step's phi row) instead of a fresh draw; the source adapter keeps its fresh draw. Off: the paper."""
+    adapter_routing: Literal["fused", "peft"] = "fused"
+    """How each row of a batch reaches its adapter: "fused" (both adapters' LoRA weights stacked, two batched
+    matmuls a projection) or "peft" (peft's own mixed-batch forward: the same numbers with ~3x the operators
+    per step; a reference, docs/performance.md)."""
+    cuda_graphs: bool = False
+    """Capture the score's UNet/ControlNet call and the adapters' update (forward, backward, AdamW) as CUDA
+    graphs, once per render size, and replay them: the CPU no longer launches each of a step's ~15,000
+    operators (docs/performance.md). CUDA only (elsewhere: one warning, eager); the first 4 steps of a
+    size run eager and capture."""
     adapter_checkpointing: bool = False
     """Gradient checkpointing in the adapters' update: less activation memory for about a third more update compute."""
     encoder_checkpointing: bool = False
@@ -119,20 +131,18 @@ class GuidanceConfig:
     target_only_steps: Optional[int] = None
     """Edit steps, from the first, scored by the target caption alone (SDS, no identity term) before the
     mode's own score takes over (the nerfstudio trainer steps the scene at a higher lr meanwhile:
-    `target_only_lr_scales`). SDS grows new geometry that the caption difference of DDS/PiVa does
-    not (a plate under a cube, docs/toyworld.md); the mode's score then restores what must stay.
-    None: the front end's rule (nerfstudio, nerfacto fields: `anneal_step` for edits that change
-    geometry, 0 for colour-only ones); 0 elsewhere (images, splats, threestudio: not measured)."""
+    `target_only_lr_scales`): SDS grows new geometry that the caption difference of DDS/PiVa does not,
+    and the mode's score then restores what must stay. None (default): the front end's rule (nerfstudio,
+    nerfacto fields: `anneal_step` for edits that change geometry, 0 for colour-only ones); 0 elsewhere
+    (images, splats, threestudio). See docs/toyworld.md#geometry-edits-grow-first-with-the-target-caption-alone."""
     target_only_guidance_scale: Optional[float] = None
-    """Classifier-free guidance of the target-only steps. None: the rule, by what the prompts say
+    """Classifier-free guidance of the target-only steps. None (default): a rule on the prompts
     (`piva.guidance.prompts.adds_to_source`): 7.5 when the target only adds words to the source (an
     addition: "... on a white plate"), 3 otherwise (a shape change: "a red cube" -> "a red sphere").
-    Toy world (docs/toyworld.md, sessions 8-9): 7.5 grows a plate in 92-100 % of views but saturates a
-    reshaped object's colour (sphere: 0 %); 3 keeps it (sphere: 100 %) but grows the plate in 42 %."""
+    A number overrides the rule (docs/toyworld.md#the-growth-phases-guidance-scale-by-a-rule-on-the-prompts)."""
     pixel_gradient: Literal["encoder", "decoded"] = "encoder"
-    """How the latent gradient reaches an RGB input: "encoder" (the paper: through the VAE encoder's
-    Jacobian) or "decoded" (the latent step decoded by the VAE, D(z) - D(z - grad)). A small VAE's
-    encoder can bend the direction (toy world: red->blue became cyan, docs/toyworld.md)."""
+    """How the latent gradient reaches an RGB input: "encoder" (default, the paper: through the VAE encoder's
+    Jacobian) or "decoded" (the latent step decoded by the VAE, D(z) - D(z - grad); docs/toyworld.md#what-failed)."""
 
     def __post_init__(self) -> None:
         """Bad values fail where the config is made (CLI, YAML, sweep), before any model loads; prompts are
@@ -168,10 +178,13 @@ class GuidanceConfig:
                 continue
             if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low):
                 raise ValueError(f"{name}={value!r}: give a whole number >= {low} ({hints[name]})")
-        for name in ("same_latent", "use_controlnet", "adapter_checkpointing", "encoder_checkpointing", "attention_slicing"):
+        for name in ("same_latent", "use_controlnet", "adapter_checkpointing", "encoder_checkpointing", "attention_slicing",
+                     "adapter_target_from_score", "cuda_graphs"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "same_latent"):
                 raise ValueError(f"{name}={value!r}: give true or false")
+        if self.adapter_routing not in ("fused", "peft"):
+            raise ValueError(f"adapter_routing {self.adapter_routing!r}: choose 'fused' (default) or 'peft'")
         if self.pixel_gradient not in ("encoder", "decoded"):
             raise ValueError(f"pixel_gradient {self.pixel_gradient!r}: choose 'encoder' (paper) or 'decoded'")
 
@@ -228,9 +241,13 @@ class ScoreDistillation:
         if config.mode == "piva":
             self.adapters = DualAdapters(
                 prior, rank=config.adapter_rank, lr=config.adapter_lr, use_controlnet=config.use_controlnet,
-                checkpointing=config.adapter_checkpointing,
+                checkpointing=config.adapter_checkpointing, fused=config.adapter_routing == "fused",
+                cuda_graphs=config.cuda_graphs,
             )
+        self._captured: Optional[dict[tuple, Captured]] = (
+            {} if config.cuda_graphs and cuda_graphs_available(prior.device) else None)
         self._update_calls = 0
+        self._score_draw: Optional[tuple[torch.Tensor, torch.Tensor, int]] = None  # adapter_target_from_score
         self.guidance_scale = config.guidance_scale if config.guidance_scale is not None else prior.guidance_scale
         if config.encoder_checkpointing:  # acts only where gradients are recorded: the edited view's encoding
             prior.vae.enable_gradient_checkpointing()
@@ -331,6 +348,8 @@ class ScoreDistillation:
         if noise.shape != zd.shape:
             raise ValueError(f"noise {tuple(noise.shape)} must match the latents repeated for noise_draws {tuple(zd.shape)}")
         noise = noise.to(prior.device, z.dtype)
+        if self.adapters is not None and cfg.adapter_target_from_score:
+            self._score_draw = (z.detach(), noise[: z.shape[0]], t)
 
         # Same noise and t in every branch (eq. 4).
         noisy = {_EDITED: prior.add_noise(zd, noise, t)}
@@ -392,13 +411,25 @@ class ScoreDistillation:
         text = torch.cat([r[1] for r in rows.values()])
         routes = [r[2] for r in rows.values() for _ in range(b)]
         tb = torch.full((lat.shape[0],), t, device=prior.device, dtype=torch.long)
+        control = None
         if self.adapters is not None:
             adapter_rows = sum(r[2] != BASE for r in rows.values())  # 0 on target-only (SDS) steps
             control = self.control_of(depth, z) if adapter_rows else None
             control = control.repeat(adapter_rows, 1, 1, 1) if control is not None else None
-            out = self.adapters.predict(lat, tb, text, routes, control)
-        else:
-            out = prior.unet(lat, tb, encoder_hidden_states=text, return_dict=False)[0]
+
+        def call(lat: torch.Tensor, tb: torch.Tensor, text: torch.Tensor, *control: torch.Tensor) -> tuple:
+            if self.adapters is not None:
+                return (self.adapters.predict(lat, tb, text, routes, control[0] if control else None),)
+            return (prior.unet(lat, tb, encoder_hidden_states=text, return_dict=False)[0],)
+
+        inputs = (lat, tb, text) + ((control,) if control is not None else ())
+        if self._captured is None:
+            (out,) = call(*inputs)
+        else:  # one graph per row pattern (SDS steps, the mode's own): replays write the same buffers
+            key = tuple(routes)
+            if key not in self._captured:
+                self._captured[key] = Captured(call)
+            out = self._captured[key](*inputs)[0].clone()
         eps = prior.to_epsilon(out, lat, tb).float()
         return dict(zip(rows, eps.split(b)))
 
@@ -440,6 +471,9 @@ class ScoreDistillation:
             z_src = self.latents_of(source_rgb, source_latents, "source", generator)
         if z.shape != z_src.shape:
             raise ValueError(f"original {tuple(z_src.shape)} and edited {tuple(z.shape)} renders differ in shape")
+        draw, self._score_draw = self._score_draw, None
+        if self.config.adapter_target_from_score and (draw is None or draw[0].shape != z.shape):
+            raise ValueError("adapter_target_from_score: call step() on the same render before update_adapters()")
         return self.adapters.update(
             z,
             z_src,
@@ -448,6 +482,7 @@ class ScoreDistillation:
             depth_control=self.control_of(depth, z),
             source_depth_control=self.control_of(source_depth, z_src),
             generator=generator,
+            target_draw=draw,
         )
 
     def settings(self) -> dict:
