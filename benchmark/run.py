@@ -19,12 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 
 
-def main(argv=None) -> int:
-    from piva.noe.prepare import PrepareOptions
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (also read by tests/test_readme.py, which parses the README's commands with it)."""
     from piva.noe.presets import PRESETS
-    from piva.noe.runner import (METHODS, SPLAT_METHODS, RunOptions, default_out, default_workers, rescore_benchmark,
-                                  run_benchmark, select_edits)
-    from piva.noe.validate import ManifestError, validate
+    from piva.noe.runner import METHODS, SPLAT_METHODS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", type=Path, help="default: benchmark/noe/manifest.json (--toy: toy-manifest.json)")
@@ -36,7 +34,7 @@ def main(argv=None) -> int:
                         "METHOD+KNOB=VALUE[+...] changes GuidanceConfig knobs of a method for a sweep, "
                         "stored as its own method (e.g. piva+identity_weight=0)")
     p.add_argument("--objects", help="comma-separated object ids")
-    p.add_argument("--types", help="comma-separated: texturing,addition,translation")
+    p.add_argument("--types", help="comma-separated: texturing,addition,shape-change (the older name translation is accepted)")
     p.add_argument("--limit", type=int, help="at most this many edits (after the filters)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each is its own run of every edit (e.g. 0,1)")
     p.add_argument("--preset", choices=list(PRESETS), help="sizes and devices (default: toy with --toy, else full)")
@@ -59,7 +57,16 @@ def main(argv=None) -> int:
     p.add_argument("--rescore", action="store_true",
                    help="measure the stored results again with the current metrics (their runs are rendered again, "
                         "nothing trains; time and memory stay as recorded), then rebuild the pages")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    from piva.noe.prepare import PrepareOptions
+    from piva.noe.runner import (RunOptions, default_out, default_workers, rescore_benchmark, run_benchmark,
+                                  select_edits)
+    from piva.noe.validate import ManifestError, validate
+
+    a = build_parser().parse_args(argv)
 
     manifest_path = a.manifest or ROOT / "noe" / ("toy-manifest.json" if a.toy else "manifest.json")
     # Noe's own rules (every type per object, 35/112) and the paper's reported rows: the bundled Noe manifest only.

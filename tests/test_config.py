@@ -108,6 +108,7 @@ def test_opacity_entropy_against_hand_values():
         ("adapter_rank", 0), ("adapter_rank", 2.5), ("adapter_lr", 0.0), ("adapter_lr", -1e-4),
         ("adapter_update_every", 0), ("noise_draws", 0), ("anneal_step", -1), ("target_only_steps", -1),
         ("pixel_gradient", "jacobian"), ("same_latent", "yes"), ("use_controlnet", None), ("target_prompt", None),
+        ("adapter_routing", "lora"), ("adapter_target_from_score", 1), ("cuda_graphs", "on"),
     ],
 )
 def test_every_bad_field_is_refused_where_the_config_is_made(field, value):
@@ -122,6 +123,11 @@ def test_every_bad_field_is_refused_where_the_config_is_made(field, value):
     setattr(cfg, field, value)  # changed in place after construction: validate() still refuses it
     with pytest.raises(ValueError):
         cfg.validate()
+
+
+def test_cuda_graphs_and_gradient_checkpointing_are_refused_together():
+    with pytest.raises(ValueError, match="choose one"):
+        GuidanceConfig(cuda_graphs=True, adapter_checkpointing=True)
 
 
 def test_prompts_may_come_after_the_config():

@@ -65,6 +65,37 @@ def test_a_subset_need_not_have_every_edit_type():
         validate(subset, full_benchmark=True)
 
 
+def test_the_old_type_name_translation_still_loads(tmp_path, capsys):
+    """The paper's Noe calls a shape change "translation": a manifest that does is valid, read as "shape-change",
+    and `--types translation` still selects those edits."""
+    from piva.noe.runner import select_edits
+
+    old = broken(lambda m: [e.update(type="translation") for e in m["edits"] if e["type"] == "shape-change"])
+    assert sum(e["type"] == "translation" for e in old["edits"]) == 35
+    loaded = validate(old, full_benchmark=True)  # Noe's every-type rule counts it as the shape change
+    assert {e["type"] for e in loaded["edits"]} == {"texturing", "addition", "shape-change"}
+    assert sum(e["type"] == "translation" for e in old["edits"]) == 35  # the input is left as it was
+    assert len(select_edits(loaded, types=["translation"])) == len(select_edits(loaded, types=["shape-change"])) == 35
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    assert main([str(path)]) == 0
+    assert "'shape-change': 35" in capsys.readouterr().out
+
+
+def test_stored_results_with_the_old_type_name_join_the_shape_changes(tmp_path):
+    from piva.noe.leaderboard import load_results
+
+    for name, kind in (("a", "translation"), ("b", "shape-change")):
+        path = tmp_path / "results" / "piva" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"method": "piva", "edit": {"id": name, "type": kind, "source_prompt": "x",
+                                                               "target_prompt": "y"},
+                                    "metrics": {"psnr": 20.0}, "wall_time_s": 1.0, "peak_memory": {},
+                                    "thumbnail": f"{name}.png"}))
+    rows = load_results(tmp_path)
+    assert [(r["type"], r["edit"]["type"]) for r in rows] == [("shape-change", "shape-change")] * 2
+
+
 def test_the_schema_is_package_data():
     import importlib.resources
 
@@ -77,7 +108,7 @@ def test_toy_manifest_is_valid_and_checked_for_toy_captions():
     toy = json.loads((ROOT / "benchmark" / "noe" / "toy-manifest.json").read_text())
     validate(toy)
     assert len(toy["objects"]) >= 8 and len(toy["edits"]) >= 24
-    counts = {t: sum(e["type"] == t for e in toy["edits"]) for t in ("texturing", "addition", "translation")}
+    counts = {t: sum(e["type"] == t for e in toy["edits"]) for t in ("texturing", "addition", "shape-change")}
     assert len(set(counts.values())) == 1, counts  # spread evenly over the three types
     bad = copy.deepcopy(toy)
     bad["edits"][0]["target_prompt"] = "a teapot on fire"

@@ -445,7 +445,9 @@ class DualAdapters:
             # the moments start again (a few steps of warm-up, nothing of the edit lost).
             warnings.warn("adapter optimizer state from an older piva: adapter weights restored, AdamW moments reset")
             return
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])  # new state tensors: a captured update would miss them
+        if self._captured_update is not None:
+            self._captured_update = maybe_captured(True, self.prior.device, self._train_step)
 
     def state_dicts(self, name: str) -> dict[str, dict[str, torch.Tensor]]:
         """The adapter's weights per model, in diffusers' LoRA key format."""

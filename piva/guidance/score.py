@@ -183,6 +183,9 @@ class GuidanceConfig:
             value = getattr(self, name)
             if not isinstance(value, bool) and not (value is None and name == "same_latent"):
                 raise ValueError(f"{name}={value!r}: give true or false")
+        if self.cuda_graphs and self.adapter_checkpointing:
+            raise ValueError("cuda_graphs=True with adapter_checkpointing=True: gradient checkpointing's re-runs "
+                             "cannot be captured; choose one (checkpointing saves memory, graphs save time)")
         if self.adapter_routing not in ("fused", "peft"):
             raise ValueError(f"adapter_routing {self.adapter_routing!r}: choose 'fused' (default) or 'peft'")
         if self.pixel_gradient not in ("encoder", "decoded"):

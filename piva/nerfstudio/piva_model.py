@@ -52,36 +52,29 @@ def offline_safe_lpips():
 class PivaNerfactoModelConfig(NerfactoModelConfig):
     _target: Type = field(default_factory=lambda: PivaNerfactoModel)
     separate_mlp_group: bool = False
-    """Put the field's MLPs in their own optimizer group, `field_mlps` (the hash grids stay in `fields`).
-    The colour MLP is shared by every point of the scene: under Adam a small, consistent
-    push on it recolours the whole scene, background included, so an edit wants it slower
-    than the grids (measured in the toy world, docs/toyworld.md)."""
+    """Put the field's MLPs in their own optimizer group, `field_mlps` (the hash grids stay in `fields`), so that
+    their lr can be set apart: the colour MLP is shared by every point of the scene (docs/toyworld.md#a-fixed-backdrop).
+    Default False; the registered piva methods turn it on."""
     backdrop_rgb: Optional[Tuple[float, float, float]] = None
-    """A fixed colour behind the scene, for objects captured on a known backdrop (the toy world's
-    grey, Noe's white); overrides `background_color`. With nerfacto's default `last_sample` the
-    background is the field's own colour at the far plane, so an edit can recolour it through the
-    shared colour MLP; a fixed backdrop cannot drift."""
+    """A fixed RGB colour in [0, 1] behind the scene, for objects captured on a known backdrop (the toy world's
+    grey, Noe's white); overrides `background_color`. Unlike nerfacto's `last_sample` background it cannot be
+    recoloured by an edit. None: `background_color`."""
     edit_geometry: Optional[bool] = None
     """False: the density (hash grid, density MLP, proposal networks) stays as captured and only
     the colour head trains, at the `fields` group's lr: for appearance edits (recolour, restyle).
     None (default): False when the two prompts differ only in colour words ("a red car" -> "a blue
-    car"), else True. Score distillation also descends by fading an object into its background,
-    which no colour-only edit can do (measured in the toy world, docs/toyworld.md)."""
+    car"), else True (docs/toyworld.md#colour-only-edits-keep-the-geometry)."""
     edit_grid_levels: Optional[int] = None
     """Hash-grid levels (coarsest first) of the field that the edit may change; the finer ones stay
-    as reconstructed. Score distillation's updates land in the hashed fine levels as speckle and haze,
-    on entries the object shares (docs/toyworld.md); shapes and additions live in the coarse ones.
+    as reconstructed (docs/toyworld.md#only-the-collision-free-hash-grid-levels-change).
     None: for an edit that changes geometry, the levels whose table holds every vertex
     ((res+1)^3 <= 2^log2_hashmap_size: 2 of the toy field's 8, 5 of nerfacto's 16), else all; with
     tiny-cuda-nn (one opaque parameter buffer) all. A number needs the torch hash grid."""
     geometry_only_growth: bool = False
     """During the growth phase (the guidance's target-only steps) detach the colour head's inputs: the target
     caption's colour gradient then reaches only the colour head (reset afterwards: the pipeline's
-    `reset_colour_after_growth`), and the grids and density MLP move for the density alone. Their features
-    carry the object's colour too, which the growth phase's 10x colour steps drift. Toy world, with the reset:
-    the purple sphere's plate 0 % -> 58 %, the blue cylinder's stripe 50 % -> 100 %, but the green sphere's
-    hat 33 % -> 0 %, and on the toy Noe the red cube's plate 97 % -> 0 % and hat 94 % -> 3 %: a part whose colour
-    the captured head cannot make from the object's features does not grow (docs/toyworld.md). Off."""
+    `reset_colour_after_growth`), and the grids and density MLP move for the density alone. Default False: it
+    helped some additions and stopped others from growing (docs/toyworld.md#what-failed)."""
     edit_grid_levels_until: Optional[int] = None
     """Edit step from which every level is editable again (coarse to fine: the shape settles in the
     coarse levels first, then the fine ones follow it). None: the fine levels stay frozen throughout."""

@@ -61,7 +61,7 @@ def _nerfstudio_guidance() -> GuidanceConfig:
     Differences from GuidanceConfig's defaults, by use: lambda 0.2 (the paper's real-scene value);
     the timestep range anneals after 2000 edit steps; DDS uses the true latent of the original view,
     which the pipeline has cached anyway (the paper's shared z_t does not stop at the target in the
-    toy world, docs/toyworld.md; `--pipeline.guidance.same-latent True` restores it)."""
+    toy world, docs/toyworld.md#dds-on-the-true-source-latent; `--pipeline.guidance.same-latent True` restores it)."""
     return GuidanceConfig(identity_weight=0.2, anneal_step=2000, same_latent=False)
 
 
@@ -86,9 +86,9 @@ class PivaPipelineConfig(VanillaPipelineConfig):
     """Seed of camera, timestep and noise sampling, and of the renders' sample jitter. None: the run's
     `--machine.seed`, so that one seed sets every draw of a run (a benchmark seed is a different run)."""
     views_per_step: int = 1
-    """Training views scored together in each edit step (1: the paper). The score's loss is a mean
-    over them, so the scene moves by the views' average, not by one view's; on a GPU the
-    diffusion side of 4 views costs ~10 % more than 1 (docs/performance.md), the renders 4x."""
+    """Training views scored together in each edit step (default 1, the paper). The score's loss is a mean
+    over them, so the scene moves by the views' average; the renders cost N times as much, the diffusion side
+    less (docs/performance.md)."""
     opacity_entropy_weight: float = 0.0
     """Weight of a binary-entropy loss on the opacity of the field's own ray batch (geometry edits only):
     pushes each ray to empty or opaque, against the translucent shells and floaters that score
@@ -98,13 +98,13 @@ class PivaPipelineConfig(VanillaPipelineConfig):
     """Keep the original scene's renders (RGB and depth of every training camera) in
     `piva_original_renders/` beside the source run's nerfstudio_models, keyed by the checkpoint file, the
     cameras and the render settings: a further edit of the same scene loads them instead of rendering
-    again (toy benchmark: 11–13 s of every edit on one CPU thread). False: render every time, write nothing."""
+    again. False: render every time, write nothing."""
 
     reset_colour_after_growth: bool = True
     """When the target-only steps end, put the colour head (nerfacto's `mlp_head` and appearance embedding)
     back as captured; the grids keep the grown geometry and the mode's score then paints it. The growth
-    phase's 10x steps drive the object's colour to a saturated, unshaded one that the plain lr cannot bring
-    back (toy world: a stripe on a blue cylinder 8 % -> 50 % of views, docs/toyworld.md). Nerfacto fields only."""
+    phase's 10x steps saturate the object's colour further than the plain lr can bring back. Nerfacto fields
+    only (docs/toyworld.md#the-colour-head-is-put-back-after-the-growth)."""
 
     @property
     def uses_controlnet(self) -> bool:

@@ -18,9 +18,9 @@ from piva.nerfstudio.runs import latest_checkpoint
 class PivaTrainerConfig(TrainerConfig):
     _target: Type = field(default_factory=lambda: PivaTrainer)
     target_only_lr_scales: Dict[str, float] = field(default_factory=lambda: dict(TARGET_ONLY_LR_SCALES))
-    """Multiplier of each optimizer group's lr during the guidance's target-only steps (groups not named keep
-    their lr): at the edit's own lr SDS grew nothing in 300 toy steps, at 10x it grew the plate
-    (docs/toyworld.md, session 8)."""
+    """Multiplier of each optimizer group's lr during the guidance's target-only steps (default 10 for each of
+    nerfacto's groups; groups not named keep their lr). See
+    docs/toyworld.md#geometry-edits-grow-first-with-the-target-caption-alone."""
 
 
 TARGET_ONLY_LR_SCALES = {"fields": 10.0, "proposal_networks": 10.0, "field_mlps": 10.0}

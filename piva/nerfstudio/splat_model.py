@@ -36,14 +36,12 @@ class PivaSplatfactoModelConfig(SplatfactoModelConfig):
     """Fixed colour behind the splats (None: splatfacto's `background_color`)."""
     rasterize_mode: Literal["classic", "antialiased"] = "antialiased"
     """splatfacto's option, antialiased here: an edit draws the scene below its capture's resolution (the views
-    the diffusion model sees), where classic splats swell (toy red cube fitted at 64 px, drawn at 32 px: 17.7 dB
-    against the exact views, 30.6 dB at 64 px). An edit of a scene always draws it the way the scene was
-    trained: `ns-train piva-splat` takes the mode from the source run's config.yml."""
+    the diffusion model sees), where classic splats swell (docs/toyworld.md#splats). An edit of a scene always
+    draws it the way the scene was trained: `ns-train piva-splat` takes the mode from the source run's config.yml."""
     edit_growth_limit: float = 2.0
     """An edit ends with at most this many times the Gaussians it started with: refinement then grows only the
-    Gaussians with the largest gradients, as many as the budget has left. The score's gradients pass splatfacto's
-    threshold almost everywhere (toy red cube "on a white plate": 10.6 k Gaussians became 1.1 M in 300 steps and
-    a step took 15 s instead of 0.2 s)."""
+    Gaussians with the largest gradients, as many as the budget has left (default 2.0). Without it the score's
+    gradients pass splatfacto's threshold almost everywhere (docs/toyworld.md#splats)."""
     edit_geometry: Optional[bool] = True
     """Whether positions, shapes and opacities train and Gaussians are densified/pruned. An edit sets it by
     the method's rule (None: kept for a colour-only edit, so a recolour grows no Gaussians); a fit trains all."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from piva.io import atomic_path, atomic_write_text
+from piva.noe.validate import edit_type
 
 if TYPE_CHECKING:
     import numpy as np
@@ -77,7 +78,8 @@ def load_results(out: Path, left_out: Optional[list] = None) -> list[dict]:
         flat.update({f"toy_{k}": v for k, v in (r["metrics"].get("toy") or {}).items() if isinstance(v, (int, float))})
         flat.update(wall_time_s=r["wall_time_s"],
                     peak_mb=r["peak_memory"].get("gpu_peak_mb", r["peak_memory"].get("process_peak_rss_mb")))
-        rows.append({"method": r["method"], "seed": r.get("seed", 0), "type": r["edit"]["type"], "edit": r["edit"],
+        edit = {**r["edit"], "type": edit_type(r["edit"]["type"])}  # results stored under an older type name
+        rows.append({"method": r["method"], "seed": r.get("seed", 0), "type": edit["type"], "edit": edit,
                      "values": flat,
                      "thumbnail": f"results/{r['method']}/{r['thumbnail']}", "models": r["metrics"].get("models", {}),
                      "unavailable": r["metrics"].get("unavailable", {}), "preset": r.get("preset"),

@@ -48,7 +48,7 @@ PRESETS = {
     # The toy world on 2 CPU cores: each object seen as it was captured (toy objects: 3.6 at fov 40,
     # a user's mesh: 4 at fov 50), from elevation 30. 450 edit steps with the anneal (and so a geometry
     # edit's growth phase) at 150: the score phase after the growth gets 300 steps, not 150 (additions
-    # 62 -> 79 % of views, docs/toyworld.md, session 13); closer to the full size's 2000 of 15000.
+    # 62 -> 79 % of views, docs/toyworld.md#a-longer-score-phase-the-toy-presets-450-steps); closer to the full size's 2000 of 15000.
     "toy": Preset("toy", capture_views=40, capture_size=64, run=replace(TOY_SIZE, edit_steps=450),
                   eval=EvalOrbit(elevation=30.0, distance=None, fov_y=None, size=32)),
 }

@@ -114,7 +114,12 @@ def check_out(opts: RunOptions) -> None:
 
 
 def select_edits(manifest: dict, objects=None, types=None, limit: Optional[int] = None) -> list[dict]:
-    edits = [e for e in manifest["edits"] if (not objects or e["object"] in objects) and (not types or e["type"] in types)]
+    """The manifest's edits of these objects and types (an older type name selects its current one)."""
+    from piva.noe.validate import edit_type
+
+    types = {edit_type(t) for t in types} if types else None
+    edits = [e for e in manifest["edits"]
+             if (not objects or e["object"] in objects) and (not types or edit_type(e["type"]) in types)]
     return edits[:limit] if limit else edits
 
 

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 NERF_SYNTHETIC = ("chair", "drums", "ficus", "hotdog", "lego", "materials", "mic", "ship")
-TYPES = ("texturing", "addition", "translation")
+TYPES = ("texturing", "addition", "shape-change")
+TYPE_ALIASES = {"translation": "shape-change"}
+"""Older names of an edit type, accepted wherever a type is read: the paper's Noe calls a shape change "translation"."""
 DEFAULT_MANIFEST = Path("benchmark") / "noe" / "manifest.json"
 """The full benchmark's manifest, relative to a checkout (it is repository data, not package data)."""
 
@@ -44,8 +46,23 @@ class ManifestError(ValueError):
     """A manifest breaks the schema or a benchmark rule; the message lists every problem."""
 
 
+def edit_type(name):
+    """An edit type's name as piva spells it (`TYPES`), with an older name (`TYPE_ALIASES`) mapped to it."""
+    return TYPE_ALIASES.get(name, name) if isinstance(name, str) else name
+
+
+def normalise_types(manifest: dict) -> dict:
+    """The manifest with every edit's type under its current name (a copy; the input stays as it was)."""
+    edits = manifest.get("edits")
+    if not isinstance(edits, list):
+        return manifest
+    return {**manifest, "edits": [{**e, "type": edit_type(e["type"])} if isinstance(e, dict) and "type" in e else e
+                                  for e in edits]}
+
+
 def validate(manifest: Union[dict, str, Path], full_benchmark: bool = False) -> dict:
-    """Return the manifest if valid; raise ManifestError listing every problem otherwise."""
+    """Return the manifest, every edit type under its current name (`normalise_types`), if valid; raise
+    ManifestError listing every problem otherwise."""
     import jsonschema
 
     if not isinstance(manifest, dict):
@@ -53,6 +70,7 @@ def validate(manifest: Union[dict, str, Path], full_benchmark: bool = False) -> 
             manifest = json.loads(Path(manifest).read_text())
         except json.JSONDecodeError as exc:
             raise ManifestError(f"not valid JSON ({exc})") from None
+    manifest = normalise_types(manifest)
     schema = load_schema() if full_benchmark else runner_schema()
     problems = [
         f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {_message(e)}"

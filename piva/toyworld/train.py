@@ -25,7 +25,7 @@ from piva.toyworld.data import IMAGE_SIZE, make_dataset
 TOY_GUIDANCE_SCALE = 3.0
 TOY_GUIDANCE_WHY = ("At 7.5 this 32 px prior saturates colour edits in 3D (blue -> 'a red cylinder': object RGB "
                     "0.99/0.10/0.10, judge 0 %); at 3 the shading stays (0.53/0.10/0.10, 100 %), and shape changes "
-                    "and additions do as well or better (docs/toyworld.md, session 10).")
+                    "and additions do as well or better (docs/toyworld.md, 'The guidance scale belongs to the model').")
 
 
 @dataclass
@@ -222,7 +222,7 @@ def train_toy_world(out_dir: Path, cfg: ToyTrainConfig = ToyTrainConfig(), progr
         "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
         "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
     # The guidance this prior is scored with by default (DiffusionPrior.guidance_scale): measured on the
-    # committed prior in 3D (docs/toyworld.md, session 10); re-measure after a retraining that changes it.
+    # committed prior in 3D (docs/toyworld.md#the-guidance-scale-belongs-to-the-model); re-measure after a retraining that changes it.
     (prior / "piva.json").write_text(json.dumps({"guidance_scale": TOY_GUIDANCE_SCALE, "why": TOY_GUIDANCE_WHY}, indent=2) + "\n")
     controlnet.half().save_pretrained(tmp / "controlnet")
     from safetensors.torch import save_file
