@@ -65,7 +65,7 @@ def test_meta_estimate_of_a_piva_step_matches_the_allocators_peak_on_cpu(tiny_di
         one_step(sd, rgb, src, depth, 3, lambda: None)
     assert measured.peak > 20e6, measured.peak  # activations, not noise, dominate what is compared
     assert counted.peak == pytest.approx(measured.peak, rel=0.05)  # the tensor count on real tensors (0.2 % measured)
-    resident, peak, flops, _ = estimate_step(sd, rgb, src, depth)
+    resident, peak, flops, _ = estimate_step(sd, rgb, src, depth, with_ops=False)
     weights = sum(p.numel() * p.element_size() for m in sd.prior.modules() for p in m.parameters())
     assert resident >= weights and flops > 0
     assert peak - resident == pytest.approx(measured.peak, rel=0.05)  # from shapes alone (0.1 % measured)

@@ -191,10 +191,19 @@ def assert_pictures_show_the_edit(out: Path, tag: str) -> None:
     assert np.abs(gif[0] - gif[9]).mean() > 0.005  # the table turns
 
 
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    """One demo folder for the NeRF demo tests: the red cube's reconstruction (keyed by its settings) is made
+    once and each edit starts from it, as a user's second `piva demo --target ...` does."""
+    return tmp_path_factory.mktemp("demo")
+
+
 @needs_weights
 @pytest.mark.slow
-def test_demo_end_to_end_quick(tmp_path):
+def test_demo_end_to_end_quick(demo_out):
     from piva.cli import main
+
+    tmp_path = demo_out
 
     assert main(["demo", "--out", str(tmp_path), "--steps", str(DEMO_STEPS), "--source-steps", "150"]) == 0
     result = json.loads((tmp_path / "result_piva.json").read_text())
@@ -236,15 +245,15 @@ SPLAT_DEMO_MOVED = 0.06
 
 @needs_weights
 @pytest.mark.slow
-def test_demo_shape_change_moves_the_silhouette_towards_the_target(tmp_path):
+def test_demo_shape_change_moves_the_silhouette_towards_the_target(demo_out):
     """A geometry edit through the method's rule (target-only steps on the coarse levels, then PiVa): after
     60 steps the cube's silhouette is closer to the exact sphere's, and the judge's p(sphere) has risen
     (measured: IoU 0.23 -> 0.54, p 0.009 -> 0.028; the 150-step source is hazy, so no background bar here)."""
     from piva.cli import main
 
-    args = ["demo", "--out", str(tmp_path), "--steps", "60", "--source-steps", "150", "--target", "a red sphere"]
+    args = ["demo", "--out", str(demo_out), "--steps", "60", "--source-steps", "150", "--target", "a red sphere"]
     assert main(args) == 0
-    result = json.loads((tmp_path / "result_piva.json").read_text())
+    result = json.loads((demo_out / "result_piva.json").read_text())
     m = result["metrics"]
     assert result["edit_geometry"] is True
     assert m["silhouette_iou_vs_target_geometry"] > m["silhouette_iou_vs_target_geometry_original"] + 0.15, m
