@@ -34,11 +34,13 @@ def prior_2d(tiny_dir):
 
 
 def randomize_adapters(model: torch.nn.Module, seed: int) -> None:
-    """Give every LoRA weight a distinct non-zero value so source != target != base."""
+    """Give every LoRA weight a distinct non-zero value so source != target != base.
+
+    peft's per-adapter weights (views of piva's stacked ones): the same values whatever the adapter routing."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".lora_" in name:
+            if ".lora_A." in name or ".lora_B." in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 

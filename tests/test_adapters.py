@@ -386,3 +386,90 @@ def test_cuda_graphs_equal_eager_steps(tiny_dir):
     for (g1, l1), (g2, l2) in zip(*runs):
         torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
         assert l1["target_adapter_loss"] == pytest.approx(l2["target_adapter_loss"], rel=1e-4)
+
+
+def _per_adapter_reference(sd, z, t, text, control, routes, weights):
+    """Each row alone through peft's own adapter switching (`set_adapter`; no routing at all): the rows'
+    predictions and the gradients of sum(prediction * weights) on peft's per-adapter weights."""
+    from peft.tuners.lora import LoraLayer
+
+    from piva.guidance.adapters import BASE
+
+    prior, layers = sd.prior, [m for m in sd.adapters.layers if isinstance(m, LoraLayer)]
+    peft_weights = sd.adapters.parameters
+    flags = {id(p): p.requires_grad for name in (SOURCE, TARGET) for p in peft_weights[name]}
+    for name in (SOURCE, TARGET):
+        for p in peft_weights[name]:
+            p.requires_grad_(True)
+            p.grad = None
+    outs, j = [], 0
+    try:
+        for i, adapter in enumerate(routes):
+            for layer in layers:
+                layer.enable_adapters(adapter != BASE)
+                layer.set_adapter(SOURCE if adapter == BASE else adapter)
+            kw = {}
+            if adapter != BASE:
+                down, mid = prior.controlnet(z[i : i + 1], t[i : i + 1], encoder_hidden_states=text[i : i + 1],
+                                             controlnet_cond=control[j : j + 1], return_dict=False)
+                kw, j = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid), j + 1
+            out = prior.unet(z[i : i + 1], t[i : i + 1], encoder_hidden_states=text[i : i + 1], **kw).sample
+            if adapter != BASE:  # the frozen model's row has no LoRA weight to reach
+                (out * weights[i : i + 1]).sum().backward()
+            outs.append(out.detach())
+        grads = {n: [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in peft_weights[n]]
+                 for n in (SOURCE, TARGET)}
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+            layer.set_adapter([])
+        for name in (SOURCE, TARGET):
+            for p in peft_weights[name]:
+                p.grad = None
+                p.requires_grad_(flags[id(p)])
+    return torch.cat(outs), grads
+
+
+@pytest.mark.parametrize("routing", ["fused", "peft"])
+def test_both_routings_equal_peft_per_adapter_calls_on_the_tiny_prior(tiny_dir, routing):
+    """Every routing pattern (the score's frozen rows + one row per adapter, the update's pairs, one adapter
+    alone, interleaved rows) of both routings against each row alone through peft's `set_adapter`:
+    predictions and the LoRA gradients (fast counterpart of the real-architecture tests)."""
+    from conftest import randomize_adapters
+
+    from piva.guidance.adapters import BASE, PAIR_A
+
+    prior = DiffusionPrior.from_pretrained(tiny_dir, controlnet=tiny_dir / "controlnet", device="cpu")
+    sd = make(prior, adapter_routing=routing)
+    assert all(hasattr(m, PAIR_A) == (routing == "fused") for m in sd.adapters.layers)
+    for k, model in enumerate(sd.adapters.models.values()):
+        randomize_adapters(model, 21 + k)
+    g = torch.Generator().manual_seed(21)
+    z = torch.randn(4, prior.unet.config.in_channels, 8, 8, generator=g)
+    t = torch.tensor([200, 400, 600, 800])
+    text = torch.cat([sd.source_text, sd.target_text, sd.source_text, sd.target_text])
+    control = sd.control_of(renders(21, b=4)[1], z)
+    weights = torch.randn(z.shape, generator=g)
+    for routes in ([BASE, BASE, SOURCE, TARGET], [SOURCE, TARGET], [TARGET], [TARGET, BASE, SOURCE]):
+        n, rows = len(routes), sum(r != BASE for r in routes)
+        out = sd.adapters.predict(z[:n], t[:n], text[:n], routes, control[:rows])
+        grads = torch.autograd.grad((out * weights[:n]).sum(), sd.adapters.trainable, allow_unused=True)
+        grads = [torch.zeros_like(p) if g_ is None else g_ for p, g_ in zip(sd.adapters.trainable, grads)]
+        ours = {SOURCE: [], TARGET: []}
+        if routing == "fused":  # per layer A^T [2, in, r], B^T [2, r, out] -> peft's per-adapter weights
+            for a, b in zip(grads[0::2], grads[1::2]):
+                for k, name in enumerate((SOURCE, TARGET)):
+                    ours[name] += [a[k].t(), b[k].t()]
+        else:
+            half = len(grads) // 2
+            ours = {SOURCE: grads[:half], TARGET: grads[half:]}
+        ref, ref_grads = _per_adapter_reference(sd, z[:n], t[:n], text[:n], control[:rows], routes, weights[:n])
+        torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=2e-6, msg=lambda m: f"{routes}: {m}")
+        for name in (SOURCE, TARGET):
+            mine = torch.cat([x.flatten() for x in ours[name]])
+            theirs = torch.cat([x.flatten() for x in ref_grads[name]])
+            if name not in routes:
+                assert not mine.any(), (routes, name)
+                continue
+            assert theirs.norm() > 0  # not a comparison of zeros
+            assert (mine - theirs).norm() / theirs.norm() < 1e-5, (routes, name)

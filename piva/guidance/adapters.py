@@ -109,13 +109,13 @@ class _Routes:
 
     def before(self, layer, args, kwargs):
         """Layers left to peft (`DualAdapters(fused=False)`): peft's own mixed batch, per row by name."""
-        if self.plan is not None and not hasattr(layer, PAIR_A):
+        if self.plan is not None:
             kwargs["adapter_names"] = list(self.plan.names)
         return args, kwargs
 
     def __call__(self, layer, args, kwargs, result):
         plan = self.plan
-        if plan is None or plan.idle or not hasattr(layer, PAIR_A):
+        if plan is None or plan.idle:
             return None
         x = args[0] if args else kwargs["x"]
         if x.shape[0] != len(plan.names):
@@ -187,7 +187,9 @@ def tie_adapters(layer) -> None:
         layer._piva_scale = scale.to(layer.lora_pair_B.device)
 
 
-def _routes_of(model: torch.nn.Module) -> _Routes:
+def _routes_of(model: torch.nn.Module, fused: bool = True) -> _Routes:
+    """The model's routes, hooked on its LoRA layers on first use: the fused term (`fused`), or peft's mixed
+    batch (one hook a layer either way, so the default path pays for no check of the other)."""
     from peft.tuners.lora import Linear, LoraLayer
 
     routes = getattr(model, "_piva_routes", None)
@@ -197,8 +199,10 @@ def _routes_of(model: torch.nn.Module) -> _Routes:
             if isinstance(m, LoraLayer):
                 if not isinstance(m, Linear):
                     raise TypeError(f"piva's adapters route linear LoRA layers only; {name} is a {type(m).__name__}")
-                m.register_forward_pre_hook(routes.before, with_kwargs=True)
-                m.register_forward_hook(routes, with_kwargs=True)
+                if fused:
+                    m.register_forward_hook(routes, with_kwargs=True)
+                else:
+                    m.register_forward_pre_hook(routes.before, with_kwargs=True)
         model._piva_routes = routes
     return routes
 
@@ -254,7 +258,7 @@ class DualAdapters:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message=".*multiple adapters.*")
                     inject_adapter_in_model(config, model, adapter_name=name)
-            _routes_of(model)  # hooks in place before anything compiles the model
+            _routes_of(model, fused)  # hooks in place before anything compiles the model
         self.checkpointing = checkpointing
         if checkpointing:  # acts only where gradients are recorded: the update, never the no-grad score
             for model in self.models.values():
