@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "stored as its own method (e.g. piva+identity_weight=0)")
     p.add_argument("--objects", help="comma-separated object ids")
     p.add_argument("--types", help="comma-separated: texturing,addition,shape-change (the older name translation is accepted)")
+    p.add_argument("--edits", help="comma-separated edit ids (e.g. toy-red-cube-texturing-0)")
     p.add_argument("--limit", type=int, help="at most this many edits (after the filters)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each is its own run of every edit (e.g. 0,1)")
     p.add_argument("--preset", choices=list(PRESETS), help="sizes and devices (default: toy with --toy, else full)")
@@ -96,9 +97,13 @@ def main(argv=None) -> int:
     if any(x < 0 for x in seeds):
         print("piva: error: --seeds must be >= 0", file=sys.stderr)
         return 2
-    edits = select_edits(manifest, split(a.objects), split(a.types), a.limit)
+    try:
+        edits = select_edits(manifest, split(a.objects), split(a.types), a.limit, split(a.edits))
+    except ValueError as exc:
+        print(f"piva: error: {exc}", file=sys.stderr)
+        return 2
     if not edits:
-        print("piva: error: no edit matches --objects/--types", file=sys.stderr)
+        print("piva: error: no edit matches --objects/--types/--edits", file=sys.stderr)
         return 2
     prep = PrepareOptions(root=out, preset=preset, nerf_synthetic_dir=a.nerf_synthetic_dir,
                           objaverse_dir=a.objaverse_dir, download=not a.no_download, source_steps=a.source_steps)

@@ -190,3 +190,24 @@ def test_every_bundled_manifest_has_safe_ids():
         if e["object"] == "teddy":
             e["object"] = "v1.2_teddy-B"
     validate(ok)
+
+
+def test_edits_are_picked_by_id_and_an_unknown_id_is_named(tmp_path, capsys):
+    """`--edits` runs exactly the named edits (with the other filters), and a typo is an error naming it."""
+    import sys
+
+    from piva.noe.runner import select_edits
+
+    toy = json.loads((ROOT / "benchmark" / "noe" / "toy-manifest.json").read_text())
+    ids = ["toy-green-sphere-addition-0", "toy-red-cube-texturing-0"]
+    assert [e["id"] for e in select_edits(toy, ids=ids)] == ids[::-1]  # the manifest's order
+    assert [e["id"] for e in select_edits(toy, types=["addition"], ids=ids)] == ids[:1]
+    with pytest.raises(ValueError, match="no edit toy-red-cube-texturing-9 in the manifest"):
+        select_edits(toy, ids=["toy-red-cube-texturing-9", ids[0]])
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    try:
+        import run
+    finally:
+        sys.path.pop(0)
+    assert run.main(["--toy", "--out", str(tmp_path), "--edits", "toy-red-cube-texturing-9"]) == 2
+    assert "toy-red-cube-texturing-9" in capsys.readouterr().err and not any(tmp_path.iterdir())

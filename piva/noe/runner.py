@@ -113,13 +113,17 @@ def check_out(opts: RunOptions) -> None:
         atomic_write_json(path, {**kept, **wanted})
 
 
-def select_edits(manifest: dict, objects=None, types=None, limit: Optional[int] = None) -> list[dict]:
-    """The manifest's edits of these objects and types (an older type name selects its current one)."""
+def select_edits(manifest: dict, objects=None, types=None, limit: Optional[int] = None, ids=None) -> list[dict]:
+    """The manifest's edits of these objects, types and ids (an older type name selects its current one)."""
     from piva.noe.validate import edit_type
 
     types = {edit_type(t) for t in types} if types else None
-    edits = [e for e in manifest["edits"]
-             if (not objects or e["object"] in objects) and (not types or edit_type(e["type"]) in types)]
+    if ids:
+        unknown = sorted(set(ids) - {e["id"] for e in manifest["edits"]})
+        if unknown:
+            raise ValueError(f"no edit {', '.join(unknown)} in the manifest (its edit ids are listed in its 'edits')")
+    edits = [e for e in manifest["edits"] if (not objects or e["object"] in objects)
+             and (not types or edit_type(e["type"]) in types) and (not ids or e["id"] in ids)]
     return edits[:limit] if limit else edits
 
 
@@ -915,8 +919,14 @@ def _run_in_processes(todo, opts: RunOptions, workers: int) -> dict:
 
 def _stop_pool(pool) -> None:
     """End a process pool now: its queued jobs cancelled, its workers killed (an edit resumes from its
-    latest checkpoint on the next run)."""
-    processes = list((getattr(pool, "_processes", None) or {}).values())
+    latest checkpoint on the next run). Every child process counts, not only those the pool lists: a Ctrl-C
+    during a submit can land while a worker is started but not yet listed, and the interpreter's exit would
+    then wait for that worker's whole edit (it ignores Ctrl-C)."""
+    import multiprocessing as mp
+
+    processes = {p.pid: p for p in (getattr(pool, "_processes", None) or {}).values()}
+    processes.update({p.pid: p for p in mp.active_children()})
+    processes = list(processes.values())
     pool.shutdown(wait=False, cancel_futures=True)
     for p in processes:
         if p.is_alive():
