@@ -61,7 +61,7 @@ class LiveBytes(TorchDispatchMode):
     Every storage an op returns is counted until its last reference goes (a weak reference to the
     storage, checked after each op). On the meta device a value read back (`.item()`, `bool()`)
     has no data: `all(...)` reads True and `any(...)` False, so input checks pass as on good
-    input, and other scalars read 0.5."""
+    input, and other scalars read 0.5 (one at a time or several with `.tolist()`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,6 +75,9 @@ class LiveBytes(TorchDispatchMode):
             if args[0].dtype == torch.bool:
                 return self._answers.get(id(args[0]), True)
             return 0.5 if args[0].dtype.is_floating_point else 1
+        if func is torch.ops.aten._to_copy.default and args[0].is_meta and kwargs.get("device") == torch.device("cpu"):
+            x = args[0]  # several values read back at once (`.tolist()`): as `.item()` reads them
+            return torch.full(x.shape, 0.5 if x.dtype.is_floating_point else 1, dtype=kwargs.get("dtype") or x.dtype)
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor) and out.is_meta and func.overloadpacket in (torch.ops.aten.all, torch.ops.aten.any):
             self._answers[id(out)] = func.overloadpacket is torch.ops.aten.all

@@ -167,7 +167,8 @@ def test_piva_gradient(prior, latents, adapter_cfg):
     randomize_adapters(prior.unet, 1)
     randomize_adapters(prior.controlnet, 2)
     zz = z.clone().requires_grad_(True)
-    sd.step(latents=zz, depth=depth, t=T, noise=noise).loss.backward()
+    out = sd.step(latents=zz, depth=depth, t=T, noise=noise)
+    out.loss.backward()
 
     a = alphas_bar()[T]
     z_t = a.sqrt() * z + (1 - a).sqrt() * noise
@@ -185,6 +186,10 @@ def test_piva_gradient(prior, latents, adapter_cfg):
     assert (e_psi - e_phi).abs().max() > 1e-3
     expected = (1 - a) * (dds + lam * (e_psi - e_phi)) / 2
     torch.testing.assert_close(zz.grad, expected, rtol=1e-4, atol=2e-5)
+    # the logged norms (read back from the device in one go) are those of the hand-computed terms
+    norms = {"delta_norm": dds.norm(), "identity_norm": (e_psi - e_phi).norm(), "grad_norm": (2 * expected).norm()}
+    for key, value in norms.items():
+        assert out.diagnostics[key] == pytest.approx(float(value), rel=1e-4), key
 
 
 def test_gradient_reaches_pixels_through_the_encoder(prior_2d):

@@ -395,8 +395,8 @@ class DualAdapters:
         t, noise = t.to(prior.device), noise.to(prior.device, prior.dtype)
         inputs = (x0, noise, t, text) + ((control,) if control is not None else ())
         step = self._train_step if self._captured_update is None else self._captured_update
-        loss_source, loss_target = step(*inputs)
-        return {"source_adapter_loss": loss_source.item(), "target_adapter_loss": loss_target.item()}
+        loss_source, loss_target = torch.stack(step(*inputs)).tolist()  # one device sync, not two
+        return {"source_adapter_loss": loss_source, "target_adapter_loss": loss_target}
 
     def _train_step(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
                     control: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -264,9 +264,9 @@ class ScoreDistillation:
         if not isinstance(rgb, torch.Tensor) or rgb.dim() != 4 or rgb.shape[1] != 3:
             shape = tuple(rgb.shape) if isinstance(rgb, torch.Tensor) else type(rgb).__name__
             raise ValueError(f"{what} must be a [B,3,H,W] tensor, got {shape} (channels-last images need .permute(0,3,1,2))")
-        if not torch.isfinite(rgb).all():
+        lo, hi = torch.stack(torch.aminmax(rgb.detach())).tolist()  # one device sync; NaN and inf reach min/max
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"{what} contains NaN or inf: the scene or image diverged (lower the learning rate)")
-        lo, hi = rgb.min().item(), rgb.max().item()
         if lo < -1e-3 or hi > 1 + 1e-3:
             raise ValueError(f"{what} must be in [0, 1], got [{lo:.3g}, {hi:.3g}] (images in [-1,1] need (x+1)/2)")
         m = self.prior.vae_scale_factor * self.prior.latent_multiple
@@ -364,14 +364,15 @@ class ScoreDistillation:
         eps = self._predict(self._rows(noisy, variant, with_identity), t, depth, zd)
 
         score = _DELTA[variant](eps, cfg.target_only_cfg if target_only else self.guidance_scale, noise.float())
-        diagnostics = {"t": t, "delta_norm": score.norm().item()}
+        norms = {"delta_norm": score.norm()}
         if with_identity:
             reg = self._identity(eps)
-            diagnostics["identity_norm"] = reg.norm().item()
+            norms["identity_norm"] = reg.norm()
             score = score + cfg.identity_weight * reg
         score = score.view(draws, *z.shape).mean(0)
         grad = torch.nan_to_num(sds_weight(prior.alphas_cumprod, torch.tensor(t, device=prior.device)) * score)
-        diagnostics["grad_norm"] = grad.norm().item()
+        norms["grad_norm"] = grad.norm()
+        diagnostics = {"t": t, **dict(zip(norms, torch.stack([v.float() for v in norms.values()]).tolist()))}  # one device sync
         loss = self._decoded_loss(grad, z, rgb) if decoded else (grad * z.float()).sum() / z.shape[0]
         return GuidanceOutput(loss=loss, grad=grad.detach(), t=t, diagnostics=diagnostics)
 
