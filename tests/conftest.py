@@ -51,3 +51,47 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def per_adapter_reference(sd, z, t, text, control, routes, weights=None):
+    """Each row alone through peft's own adapter switching (`set_adapter`; no routing), the ControlNet on the
+    adapter rows (`control`: one row each) as the guidance runs it: the rows' predictions and the gradients of
+    sum(prediction * weights) on peft's per-adapter weights, by adapter (weights None: predictions only)."""
+    from peft.tuners.lora import LoraLayer
+
+    from piva.guidance.adapters import BASE, SOURCE, TARGET
+
+    prior, layers = sd.prior, [m for m in sd.adapters.layers if isinstance(m, LoraLayer)]
+    peft_weights = sd.adapters.parameters
+    flags = {id(p): p.requires_grad for name in (SOURCE, TARGET) for p in peft_weights[name]}
+    for name in (SOURCE, TARGET):
+        for p in peft_weights[name]:
+            p.requires_grad_(True)
+            p.grad = None
+    outs, j = [], 0
+    try:
+        with torch.set_grad_enabled(weights is not None):
+            for i, adapter in enumerate(routes):
+                for layer in layers:
+                    layer.enable_adapters(adapter != BASE)
+                    layer.set_adapter(SOURCE if adapter == BASE else adapter)
+                kw = {}
+                if adapter != BASE:
+                    down, mid = prior.controlnet(z[i : i + 1], t[i : i + 1], encoder_hidden_states=text[i : i + 1],
+                                                 controlnet_cond=control[j : j + 1], return_dict=False)
+                    kw, j = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid), j + 1
+                out = prior.unet(z[i : i + 1], t[i : i + 1], encoder_hidden_states=text[i : i + 1], **kw).sample
+                if adapter != BASE and weights is not None:  # the frozen model's row reaches no LoRA weight
+                    (out * weights[i : i + 1]).sum().backward()
+                outs.append(out.detach())
+        grads = {n: [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in peft_weights[n]]
+                 for n in (SOURCE, TARGET)}
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+            layer.set_adapter([])
+        for name in (SOURCE, TARGET):
+            for p in peft_weights[name]:
+                p.grad = None
+                p.requires_grad_(flags[id(p)])
+    return torch.cat(outs), grads

@@ -388,54 +388,12 @@ def test_cuda_graphs_equal_eager_steps(tiny_dir):
         assert l1["target_adapter_loss"] == pytest.approx(l2["target_adapter_loss"], rel=1e-4)
 
 
-def _per_adapter_reference(sd, z, t, text, control, routes, weights):
-    """Each row alone through peft's own adapter switching (`set_adapter`; no routing at all): the rows'
-    predictions and the gradients of sum(prediction * weights) on peft's per-adapter weights."""
-    from peft.tuners.lora import LoraLayer
-
-    from piva.guidance.adapters import BASE
-
-    prior, layers = sd.prior, [m for m in sd.adapters.layers if isinstance(m, LoraLayer)]
-    peft_weights = sd.adapters.parameters
-    flags = {id(p): p.requires_grad for name in (SOURCE, TARGET) for p in peft_weights[name]}
-    for name in (SOURCE, TARGET):
-        for p in peft_weights[name]:
-            p.requires_grad_(True)
-            p.grad = None
-    outs, j = [], 0
-    try:
-        for i, adapter in enumerate(routes):
-            for layer in layers:
-                layer.enable_adapters(adapter != BASE)
-                layer.set_adapter(SOURCE if adapter == BASE else adapter)
-            kw = {}
-            if adapter != BASE:
-                down, mid = prior.controlnet(z[i : i + 1], t[i : i + 1], encoder_hidden_states=text[i : i + 1],
-                                             controlnet_cond=control[j : j + 1], return_dict=False)
-                kw, j = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid), j + 1
-            out = prior.unet(z[i : i + 1], t[i : i + 1], encoder_hidden_states=text[i : i + 1], **kw).sample
-            if adapter != BASE:  # the frozen model's row has no LoRA weight to reach
-                (out * weights[i : i + 1]).sum().backward()
-            outs.append(out.detach())
-        grads = {n: [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in peft_weights[n]]
-                 for n in (SOURCE, TARGET)}
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-            layer.set_adapter([])
-        for name in (SOURCE, TARGET):
-            for p in peft_weights[name]:
-                p.grad = None
-                p.requires_grad_(flags[id(p)])
-    return torch.cat(outs), grads
-
-
 @pytest.mark.parametrize("routing", ["fused", "peft"])
 def test_both_routings_equal_peft_per_adapter_calls_on_the_tiny_prior(tiny_dir, routing):
     """Every routing pattern (the score's frozen rows + one row per adapter, the update's pairs, one adapter
     alone, interleaved rows) of both routings against each row alone through peft's `set_adapter`:
     predictions and the LoRA gradients (fast counterpart of the real-architecture tests)."""
-    from conftest import randomize_adapters
+    from conftest import per_adapter_reference, randomize_adapters
 
     from piva.guidance.adapters import BASE, PAIR_A
 
@@ -463,7 +421,7 @@ def test_both_routings_equal_peft_per_adapter_calls_on_the_tiny_prior(tiny_dir, 
         else:
             half = len(grads) // 2
             ours = {SOURCE: grads[:half], TARGET: grads[half:]}
-        ref, ref_grads = _per_adapter_reference(sd, z[:n], t[:n], text[:n], control[:rows], routes, weights[:n])
+        ref, ref_grads = per_adapter_reference(sd, z[:n], t[:n], text[:n], control[:rows], routes, weights[:n])
         torch.testing.assert_close(out.detach(), ref, rtol=1e-5, atol=2e-6, msg=lambda m: f"{routes}: {m}")
         for name in (SOURCE, TARGET):
             mine = torch.cat([x.flatten() for x in ours[name]])

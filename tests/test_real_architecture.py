@@ -13,6 +13,8 @@ from piva.guidance import SOURCE, TARGET, GuidanceConfig, ScoreDistillation
 from piva.guidance.adapters import ATTENTION_MODULES, BASE, DualAdapters
 from piva.prior.architectures import build_random_prior, parameter_count
 
+from conftest import per_adapter_reference
+
 pytestmark = pytest.mark.slow
 SRC, TGT = "a round cake on a plate", "a square cake on a plate"
 PIXELS = 64  # 8x8 latents: the smallest size the UNet's three down-samplings take
@@ -181,43 +183,6 @@ def test_v_prediction_is_turned_into_epsilon(real):
         prior.scheduler = eps_scheduler
 
 
-def _peft_reference(prior, sd, z, t, text, control, routes, weights):
-    """Each row alone through peft's own adapter switching (ControlNet for adapter rows, as the guidance
-    does): the rows' predictions and the gradients of sum(prediction * weights) on peft's per-adapter
-    LoRA weights, accumulated over the rows (weights None: predictions only)."""
-    peft_weights = {name: sd.adapters.parameters[name] for name in (SOURCE, TARGET)}
-    for p in peft_weights[SOURCE] + peft_weights[TARGET]:
-        p.requires_grad_(True)
-        p.grad = None
-    outs = []
-    try:
-        for i, adapter in enumerate(routes):
-            set_lora(prior, None if adapter == BASE else adapter)
-            torch.set_grad_enabled(weights is not None)
-            kw = {}
-            if adapter != BASE:
-                down, mid = prior.controlnet(z[i : i + 1], t[i : i + 1], encoder_hidden_states=text[i : i + 1],
-                                             controlnet_cond=control, return_dict=False)
-                kw = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
-            out = prior.unet(z[i : i + 1], t[i : i + 1], encoder_hidden_states=text[i : i + 1], **kw).sample
-            if adapter != BASE and weights is not None:
-                (out * weights[i : i + 1]).sum().backward()
-            outs.append(out.detach())
-        grads = {name: [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in peft_weights[name]]
-                 for name in (SOURCE, TARGET)}
-    finally:
-        torch.set_grad_enabled(True)
-        for m in (prior.unet, prior.controlnet):
-            for layer in m.modules():
-                if isinstance(layer, LoraLayer):
-                    layer.enable_adapters(True)
-                    layer.set_adapter([])
-        for p in peft_weights[SOURCE] + peft_weights[TARGET]:
-            p.grad = None
-            p.requires_grad_(False)  # they train through the stacked tensors they view
-    return torch.cat(outs), grads
-
-
 def _relative_error(ours: list, theirs: list) -> float:
     a, b = torch.cat([x.flatten() for x in ours]), torch.cat([x.flatten() for x in theirs])
     return float((a - b).norm() / b.norm())
@@ -243,7 +208,7 @@ def test_fused_adapters_equal_peft_per_adapter_calls_with_gradients(real, routes
     for layer_grads in zip(stacked[0::2], stacked[1::2]):  # per layer: A^T [2, in, r], B^T [2, r, out]
         for k, name in enumerate((SOURCE, TARGET)):
             ours[name] += [layer_grads[0][k].t(), layer_grads[1][k].t()]
-    ref_out, ref_grads = _peft_reference(prior, sd, z, t, text, control, routes, weights)
+    ref_out, ref_grads = per_adapter_reference(sd, z, t, text, control.repeat(adapter_rows, 1, 1, 1), routes, weights)
     assert _relative_error([out.detach()], [ref_out]) < 1e-5
     with torch.no_grad():  # a BASE row is the model with no adapter at all: bit for bit, in the same batch
         unrouted = prior.unet(z, t, encoder_hidden_states=text).sample
@@ -267,6 +232,6 @@ def test_score_rows_of_the_fused_adapters_equal_peft_per_adapter_calls(real):
     control = sd.control_of(depth, z[:1])
     with torch.no_grad():
         out = sd.adapters.predict(z, t, text, routes, control.repeat(2, 1, 1, 1))
-    ref_out, _ = _peft_reference(prior, sd, z, t, text, control, routes, None)
+    ref_out, _ = per_adapter_reference(sd, z, t, text, control.repeat(2, 1, 1, 1), routes)
     assert _relative_error([out], [ref_out]) < 1e-5
     assert (out[2] - out[3]).abs().max() > 1e-3  # the two adapters differ

@@ -935,9 +935,7 @@ def _stop_pool(pool) -> None:
     then wait for that worker's whole edit (it ignores Ctrl-C)."""
     import multiprocessing as mp
 
-    processes = {p.pid: p for p in (getattr(pool, "_processes", None) or {}).values()}
-    processes.update({p.pid: p for p in mp.active_children()})
-    processes = list(processes.values())
+    processes = set((getattr(pool, "_processes", None) or {}).values()) | set(mp.active_children())
     pool.shutdown(wait=False, cancel_futures=True)
     for p in processes:
         if p.is_alive():
