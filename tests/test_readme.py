@@ -67,9 +67,9 @@ def benchmark_parser():
 
 @lru_cache(maxsize=None)
 def ns_methods() -> dict:
-    from piva.nerfstudio.piva_config import METHODS
+    from piva.nerfstudio.piva_config import METHODS, SOURCE_METHODS
 
-    return {name: spec.config for name, spec in METHODS.items()}
+    return {name: spec.config for name, spec in {**METHODS, **SOURCE_METHODS}.items()}
 
 
 def resolve_flag(config, flag: str):

@@ -162,11 +162,13 @@ def evaluate_views(
     image_text: Optional[ImageTextModel] = None,
     lpips: Optional[tuple[str, Callable]] = None,
     unavailable: Optional[dict] = None,
+    wrap: bool = True,
 ) -> dict:
     """All Noe figures for one edit: edited/original are [N,3,H,W] in [0,1] at the same cameras.
 
     `unique` marks the views averaged over (the orbit's duplicated end view is left
-    out; consistency wraps from the last unique view to the first).
+    out; consistency wraps from the last unique view to the first, unless `wrap` is off:
+    views along an open path, such as a capture's held-out frames).
     """
     if edited.shape != original.shape or edited.ndim != 4:
         raise ValueError(f"edited {tuple(edited.shape)} and original {tuple(original.shape)} renders must be [N,3,H,W] alike")
@@ -189,7 +191,7 @@ def evaluate_views(
         out[f"{prefix}_score"] = clip_score(e, t_tgt)
         out[f"{prefix}_score_original"] = clip_score(o, t_tgt)
         out[f"{prefix}_direction"] = clip_direction(e, o, t_tgt, t_src)
-        out[f"{prefix}_consistency"] = clip_consistency(e, o, wrap=True)
+        out[f"{prefix}_consistency"] = clip_consistency(e, o, wrap=wrap)
         models[prefix] = image_text.name
     if lpips is not None:
         name, fn = lpips

@@ -133,6 +133,30 @@ piva_splat_dds_method = MethodSpecification(
     description="Delta Denoising Score baseline on a trained splatfacto scene",
 )
 
+
+
+def piva_nerfacto_config() -> "TrainerConfig":  # noqa: F821
+    """nerfacto for a capture's source scene, buildable offline (nerfstudio's own nerfacto downloads AlexNet at
+    start-up): the fit the benchmark makes (piva.nerfstudio.runs.source_config) at nerfacto's 30,000 steps,
+    with nerfstudio's parser defaults. Cameras stay as COLMAP made them, as every piva edit keeps them."""
+    from pathlib import Path
+
+    from piva.nerfstudio.runs import CaptureScene, RunSize, source_config
+
+    config = source_config(CaptureScene(Path("data")), Path("outputs"), RunSize(source_steps=30000))
+    config.method_name, config.experiment_name, config.timestamp = "piva-nerfacto", None, "{timestamp}"
+    config.pipeline.datamanager.dataparser = NerfstudioDataParserConfig()
+    config.steps_per_save, config.vis = 2000, "viewer"
+    return config
+
+
+piva_nerfacto_method = MethodSpecification(
+    config=piva_nerfacto_config(),
+    description="nerfacto for the source scene that also starts offline (same fields and checkpoints as nerfacto)",
+)
+SOURCE_METHODS = {"piva-nerfacto": piva_nerfacto_method}
+"""Methods that make a source scene rather than edit one."""
+
 METHODS = {
     "piva": piva_method, "piva-object": piva_object_method, "piva-dds": piva_dds_method,
     "piva-sds": piva_sds_method, "piva-small": piva_small_method,

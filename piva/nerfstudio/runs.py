@@ -13,7 +13,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -125,6 +125,28 @@ class ObjectScene:
                     far_plane=self.far)
 
 
+@dataclass(frozen=True)
+class CaptureScene:
+    """A captured scene as `ns-process-data` leaves it (transforms.json + images): nerfstudio's own parser, with
+    its orientation, centring and scale, and nerfacto's unbounded background and depth range."""
+
+    data: Path
+    downscale: int = 1
+    """Images read from `images_<downscale>/` (piva.noe.prepare makes them when missing)."""
+    eval_every: int = 8
+    """Held out: every Nth frame, unless transforms.json lists its own `test_filenames`/`val_filenames`."""
+    backdrop = None  # no fixed colour behind a captured scene
+
+    def parser(self):
+        from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+        return NerfstudioDataParserConfig(data=Path(self.data), downscale_factor=self.downscale, eval_mode="interval",
+                                          eval_interval=self.eval_every)
+
+    def model_settings(self, size: RunSize) -> dict:
+        return dict(CPU_FIELD) if size.cpu_field else {}
+
+
 def _splats(model_config) -> bool:
     from piva.nerfstudio.splat_model import PivaSplatfactoModelConfig
 
@@ -137,7 +159,7 @@ def _machine(size: RunSize):
     return MachineConfig(device_type=size.device, num_devices=1)
 
 
-def source_config(scene: ObjectScene, output_dir: Path, size: RunSize = RunSize()):
+def source_config(scene: Union[ObjectScene, CaptureScene], output_dir: Path, size: RunSize = RunSize()):
     """nerfacto (offline-safe model class, same weights layout) on an object dataset: what `ns-train
     nerfacto` writes, with the learning rates decaying over the run's own length."""
     from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
@@ -163,7 +185,8 @@ def source_config(scene: ObjectScene, output_dir: Path, size: RunSize = RunSize(
         pipeline=VanillaPipelineConfig(
             datamanager=VanillaDataManagerConfig(dataparser=scene.parser(),
                                                  train_num_rays_per_batch=size.source_rays_per_batch),
-            # Synthetic captures have exact poses.
+            # Synthetic captures have exact poses; a real capture's stay as COLMAP made them, because the edit
+            # (camera optimiser off, like every registered method) must see the cameras the source was fitted with.
             model=PivaNerfactoModelConfig(average_init_density=0.01, **scene.model_settings(size),
                                           camera_optimizer=CameraOptimizerConfig(mode="off")),
         ),
@@ -202,7 +225,7 @@ def splat_source_config(scene: ObjectScene, output_dir: Path, size: RunSize = Ru
 
 def edit_config(
     method: str,
-    scene: ObjectScene,
+    scene: Union[ObjectScene, CaptureScene],
     load_dir: Path,
     output_dir: Path,
     source_prompt: str,
@@ -367,7 +390,7 @@ def _reset_event_writers() -> None:
     writer.EVENT_STORAGE.clear()
 
 
-def reconstruct(scene: ObjectScene, output_dir: Path, size: RunSize = RunSize(), splats: bool = False) -> Path:
+def reconstruct(scene: Union[ObjectScene, CaptureScene], output_dir: Path, size: RunSize = RunSize(), splats: bool = False) -> Path:
     """The source scene's nerfstudio run folder (nerfacto, or splatfacto with `splats`), trained once (an existing
     checkpoint is kept)."""
     cfg = (splat_source_config if splats else source_config)(scene, output_dir, size)

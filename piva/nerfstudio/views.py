@@ -34,16 +34,43 @@ def render_views(pipeline, cams: list[Camera], progress: str = "") -> dict[str, 
     """Render cameras (world frame of the Blender dataset) with a nerfstudio model: rgb [N,3,H,W], depth [N,1,H,W]."""
     from nerfstudio.cameras.cameras import Cameras, CameraType
 
-    rgbs, depths = [], []
+    return render_cameras(pipeline, [
+        Cameras(camera_to_worlds=torch.from_numpy(cam.c2w[:3]).float()[None], fx=cam.focal, fy=cam.focal,
+                cx=cam.width / 2, cy=cam.height / 2, width=cam.width, height=cam.height,
+                camera_type=CameraType.PERSPECTIVE) for cam in cams], progress)
+
+
+@torch.no_grad()
+def render_cameras(pipeline, cameras, progress: str = "") -> dict[str, torch.Tensor]:
+    """Render nerfstudio `Cameras` (each one camera, or one batch of them) already in the run's world frame, e.g.
+    a dataparser's held-out views: rgb [N,3,H,W], depth [N,1,H,W]."""
+    cams = [cameras[i : i + 1] for i in range(len(cameras))] if not isinstance(cameras, list) else cameras
     if progress:
         from tqdm.auto import tqdm
 
         cams = tqdm(cams, desc=progress)
-    for cam in cams:
-        c2w = torch.from_numpy(cam.c2w[:3]).float()[None]
-        c = Cameras(camera_to_worlds=c2w, fx=cam.focal, fy=cam.focal, cx=cam.width / 2, cy=cam.height / 2,
-                    width=cam.width, height=cam.height, camera_type=CameraType.PERSPECTIVE).to(pipeline.device)
-        out = pipeline.model.get_outputs_for_camera(c)
+    rgbs, depths = [], []
+    for c in cams:
+        out = pipeline.model.get_outputs_for_camera(c.to(pipeline.device))
         rgbs.append(out["rgb"].clamp(0, 1).permute(2, 0, 1).cpu())
         depths.append(out["depth"].permute(2, 0, 1).cpu())
     return {"rgb": torch.stack(rgbs), "depth": torch.stack(depths)}
+
+
+def held_out_views(scene) -> tuple:
+    """A capture's held-out cameras (in the frame nerfstudio trains it in) and their photographs [N,3,H,W]:
+    what a capture is evaluated at, as nerfstudio's own eval split chooses them."""
+    import imageio.v3 as iio
+
+    outputs = scene.parser().setup().get_dataparser_outputs(split="test")
+    photos = []
+    for path, w, h in zip(outputs.image_filenames, outputs.cameras.width.flatten().tolist(),
+                          outputs.cameras.height.flatten().tolist()):
+        pixels = iio.imread(path)
+        pixels = pixels[..., None].repeat(3, -1) if pixels.ndim == 2 else pixels[..., :3]
+        img = torch.from_numpy(pixels.copy()).float().div(255).permute(2, 0, 1)
+        if tuple(img.shape[1:]) != (h, w):
+            raise ValueError(f"{path} is {img.shape[2]}x{img.shape[1]}, but its camera is {w}x{h}: remake the "
+                             f"downscaled images (delete the images_N folder) or fix transforms.json's w/h")
+        photos.append(img)
+    return outputs.cameras, torch.stack(photos), [Path(p) for p in outputs.image_filenames]

@@ -20,7 +20,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from piva.nerfstudio.runs import ObjectScene, RunSize
+from piva.nerfstudio.runs import CaptureScene, ObjectScene, RunSize
 from piva.noe.presets import Preset, get_preset
 
 DISTANCE, FOV_Y, ELEVATION = 4.0, 50.0, (5.0, 85.0)
@@ -57,6 +57,13 @@ class PrepareOptions:
         size = self.sizes.run
         return size if self.source_steps is None else dataclasses.replace(size, source_steps=self.source_steps)
 
+    def run_size_for(self, obj: dict) -> RunSize:
+        """`run_size`, with a captured scene's own source length (the preset's `capture_source_steps`)."""
+        steps = self.sizes.capture_source_steps
+        if obj["source"] != "capture" or self.source_steps is not None or steps is None:
+            return self.run_size
+        return dataclasses.replace(self.run_size, source_steps=steps)
+
 
 def toy_object_scene(data: Path) -> ObjectScene:
     """A toy-world dataset as nerfstudio sees it: RGB on the toy grey, cameras at distance 3.6."""
@@ -65,10 +72,13 @@ def toy_object_scene(data: Path) -> ObjectScene:
     return ObjectScene(Path(data), backdrop=(BACKGROUND,) * 3, near=1.5, far=6.0, rgba=False)
 
 
-def object_scene(obj: dict, data: Path) -> ObjectScene:
-    """Noe and NeRF-synthetic objects are RGBA on white within radius 2, seen from distance 4."""
+def object_scene(obj: dict, data: Path) -> Union[ObjectScene, CaptureScene]:
+    """Noe and NeRF-synthetic objects are RGBA on white within radius 2, seen from distance 4; a capture is
+    read by nerfstudio's own parser."""
     if obj["source"] == "toyworld":
         return toy_object_scene(data)
+    if obj["source"] == "capture":
+        return CaptureScene(Path(data), downscale=obj.get("downscale", 1), eval_every=obj.get("eval_every", 8))
     return ObjectScene(Path(data), backdrop=(1.0, 1.0, 1.0), near=0.5, far=8.0, rgba=True)
 
 
@@ -157,6 +167,59 @@ def posed_images(obj: dict) -> Path:
     return folder
 
 
+def capture_folder(obj: dict, opts: PrepareOptions) -> Path:
+    """A capture's folder, with its downscaled images made when missing (nerfstudio would stop to ask). A
+    `generate: toyworld` capture is written on first use, in the object's own folder."""
+    if obj.get("generate") == "toyworld":
+        folder = object_dir(opts.root, obj) / "capture"
+        if not (folder / "transforms.json").is_file():
+            from piva.toyworld.capture import write_capture
+            from piva.toyworld.scenes import Scene
+
+            write_capture(Scene.from_caption(obj["source_prompt"]), folder)
+    else:
+        folder = Path(obj["path"]).expanduser()
+    if not (folder / "transforms.json").is_file():
+        where = f" (the data: {obj['url']})" if obj.get("url") else ""
+        raise NotAvailable(f"capture {obj['id']}: {folder} has no transforms.json{where}; make it from photos or a "
+                           f"video with `ns-process-data images --data PHOTOS --output-dir {folder}`")
+    if obj.get("downscale", 1) > 1:
+        downscaled_images(folder, obj["downscale"])
+    return folder
+
+
+def downscaled_images(folder: Path, factor: int) -> Path:
+    """`images_<factor>/` as nerfstudio reads it (each frame's file name, size floor(w/f) x floor(h/f)), made
+    from the frames when missing or incomplete, averaged over each f x f block."""
+    from PIL import Image
+
+    from piva.io import atomic_path
+
+    frames = [Path(f["file_path"]) for f in json.loads((folder / "transforms.json").read_text())["frames"]]
+    out = folder / f"images_{factor}"
+    if all((out / f.name).is_file() for f in frames):
+        return out
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        for f in frames:
+            src = folder / f
+            if not src.is_file():
+                raise NotAvailable(f"capture {folder}: frame {f} listed in transforms.json is missing")
+            with Image.open(src) as im:
+                small = im.convert("RGB").resize((im.width // factor, im.height // factor), Image.Resampling.BOX)
+                small.save(tmp / f.name, **({"quality": 95} if f.suffix.lower() in (".jpg", ".jpeg") else {}))
+    print(f"[noe] made {out} ({len(frames)} frames at 1/{factor} size)")
+    return out
+
+
+def capture_settings(obj: dict, folder: Path) -> dict:
+    """What a capture's source scene is made from: its frames' poses (transforms.json) and the size read."""
+    from piva.io import file_fingerprint
+
+    return {"source": "capture", "path": str(folder), "transforms": file_fingerprint(folder / "transforms.json"),
+            "downscale": obj.get("downscale", 1), "eval_every": obj.get("eval_every", 8)}
+
+
 def dataset_settings(obj: dict, opts: PrepareOptions) -> dict:
     """What an object's rendered dataset is made from: a dataset made otherwise is rendered again."""
     common = {"source": obj["source"], "views": opts.sizes.capture_views, "size": opts.sizes.capture_size}
@@ -178,6 +241,8 @@ def write_dataset(obj: dict, opts: PrepareOptions) -> Path:
 
     if obj["source"] == "nerf-synthetic":
         return find_nerf_synthetic(obj, opts)
+    if obj["source"] == "capture":
+        return capture_folder(obj, opts)
     if obj["source"] == "local" and Path(obj["path"]).expanduser().is_dir():
         return posed_images(obj)
     out = object_dir(opts.root, obj) / "data"
@@ -212,8 +277,12 @@ def source_settings(obj: dict, data: Path, opts: PrepareOptions, splats: bool) -
     from piva.nerfstudio.runs import CPU_FIELD, CPU_SPLATS
 
     record = Path(data) / DATASET_RECORD
-    size = opts.run_size
-    return {"data": json.loads(record.read_text()) if record.is_file() else str(data),
+    size = opts.run_size_for(obj)
+    if obj["source"] == "capture":
+        data_settings = capture_settings(obj, Path(data))
+    else:
+        data_settings = json.loads(record.read_text()) if record.is_file() else str(data)
+    return {"data": data_settings,
             "model": "splatfacto" if splats else "nerfacto", "steps": size.source_steps,
             "rays_per_batch": size.source_rays_per_batch,
             "cpu_field": (CPU_SPLATS if splats else CPU_FIELD) if size.cpu_field else None}
@@ -226,9 +295,12 @@ def train_source(obj: dict, data: Path, opts: PrepareOptions, splats: bool = Fal
     from piva.io import settings_key
     from piva.nerfstudio.runs import reconstruct
 
+    if splats and obj["source"] == "capture":
+        raise NotAvailable(f"capture {obj['id']}: the splat methods start from random Gaussians inside an object's "
+                           "sphere, not from a capture's SfM points: use piva, dds or sds on captures")
     key = settings_key(**source_settings(obj, data, opts, splats))
     runs_dir = object_dir(opts.root, obj) / ("splat-runs" if splats else "runs") / key
-    return reconstruct(object_scene(obj, data), runs_dir, opts.run_size, splats=splats) / "nerfstudio_models"
+    return reconstruct(object_scene(obj, data), runs_dir, opts.run_size_for(obj), splats=splats) / "nerfstudio_models"
 
 
 def prepare_object(obj: dict, opts: PrepareOptions, train: bool = True, splats: bool = False) -> dict:

@@ -34,6 +34,13 @@ SPLAT_METHODS = ("piva-splat", "dds-splat")
 # The registered nerfstudio method each benchmark method runs (objects: the paper's lambda 0.4).
 REGISTERED_METHODS = {"piva": "piva-object", "dds": "piva-dds", "sds": "piva-sds",
                       "piva-splat": "piva-splat", "dds-splat": "piva-splat-dds"}
+CAPTURE_METHODS = {**REGISTERED_METHODS, "piva": "piva"}
+"""A captured scene gets the paper's real-scene setting (`piva`, lambda 0.2)."""
+
+
+def registered_method(base: str, obj: dict) -> str:
+    """The registered nerfstudio method a benchmark method runs on this object."""
+    return (CAPTURE_METHODS if obj.get("source") == "capture" else REGISTERED_METHODS)[base]
 # threestudio's volume renderer on CPU: samples along the grid's diagonal (paper: 512), the size the
 # toy world's objects need at 32 px; the occupancy grid skips the empty ones either way.
 CPU_SAMPLES_PER_RAY = 128
@@ -271,6 +278,11 @@ class EditOutcome:
     """Measured by the backend that ran the edit in another process (threestudio's launch.py); None: this process's."""
     source_fingerprint: Optional[str] = None
     """Of the source scene's checkpoint the edit started from (piva.io.file_fingerprint): what the result is made from."""
+    photos: Optional[torch.Tensor] = None
+    """A capture's own photographs at the evaluation cameras (its held-out frames), [N,3,H,W]."""
+    wraps: bool = True
+    """The evaluation views close a loop (an orbit), so consistency compares the last with the first; a capture's
+    held-out frames lie along an open path."""
 
 
 class Backend(Protocol):
@@ -309,15 +321,20 @@ class NerfstudioBackend:
         return views, torch.from_numpy(cams["unique"]), setting
 
     def render(self, run: Path, what: str, cams) -> torch.Tensor:
-        from piva.nerfstudio.views import load_pipeline, render_views
+        """At piva cameras (an object's orbit) or nerfstudio Cameras (a capture's held-out frames)."""
+        from piva.nerfstudio.views import load_pipeline, render_cameras, render_views
 
         pipeline, _ = load_pipeline(run, device=self.opts.device)
-        return render_views(pipeline, cams, progress=f"[noe] rendering {what}")["rgb"]
+        draw = render_views if isinstance(cams, list) else render_cameras
+        return draw(pipeline, cams, progress=f"[noe] rendering {what}")["rgb"]
 
     def original(self, obj: dict, record: dict, cams: list, s: dict, splats: bool = False) -> torch.Tensor:
         """The original scene at the evaluation cameras, rendered once per object, orbit and representation."""
         fingerprint = record.get("splat_source_fingerprint" if splats else "source_fingerprint") or "unknown"
-        key = f"{s['views']}x{s['size']}-el{s['elevation']:g}-d{s['distance']:.3f}-f{s['fov_y']:.2f}-{fingerprint[:8]}"
+        if "held_out" in s:  # a capture's held-out frames
+            key = f"held-out-{s['views']}-{s['size'][0]}x{s['size'][1]}-{fingerprint[:8]}"
+        else:
+            key = f"{s['views']}x{s['size']}-el{s['elevation']:g}-d{s['distance']:.3f}-f{s['fov_y']:.2f}-{fingerprint[:8]}"
         cache = object_dir(self.opts.prepare.root, obj) / f"original_eval_{key}{'-splat' if splats else ''}.pt"
         if cache.is_file():
             return torch.load(cache)
@@ -340,6 +357,19 @@ class NerfstudioBackend:
                              [views.cameras[i] for i in keep])
         return source, truth
 
+    def capture_views(self, obj: dict, record: dict):
+        """A capture's evaluation cameras: its held-out frames (nerfstudio's eval split), with their photographs."""
+        from piva.nerfstudio.views import held_out_views
+
+        scene = object_scene(obj, Path(record["data"]))
+        cameras, photos, paths = held_out_views(scene)
+        listed = any(f"{s}_filenames" in json.loads((Path(record["data"]) / "transforms.json").read_text())
+                     for s in ("test", "val"))
+        setting = {"views": len(paths), "held_out": "the capture's own test list" if listed else
+                   f"every {scene.eval_every}th frame (nerfstudio's eval split)", "frames": [p.name for p in paths],
+                   "size": [int(photos.shape[3]), int(photos.shape[2])], "downscale": scene.downscale}
+        return cameras, photos, setting
+
     def edit(self, edit: dict, obj: dict, method: str, seed: int = 0) -> EditOutcome:
         from piva.nerfstudio import runs
 
@@ -354,7 +384,7 @@ class NerfstudioBackend:
         if method != "no-edit":
             model, controlnet = diffusion_models(opts)
             cfg = runs.edit_config(
-                REGISTERED_METHODS[base], object_scene(obj, Path(record["data"])), source,
+                registered_method(base, obj), object_scene(obj, Path(record["data"])), source,
                 Path(opts.out) / "work" / method, edit["source_prompt"], edit["target_prompt"],
                 opts.sizes.run.with_edit_steps(opts.edit_steps), diffusion_model=model, controlnet_model=controlnet,
                 guidance=guidance,
@@ -371,13 +401,25 @@ class NerfstudioBackend:
                 resumed, t0 = 0, time.perf_counter()
                 run = runs.edit(cfg)
         wall = time.perf_counter() - t0
-        cams, unique, setting = self.cameras(Path(record["data"]))
+        photos = None
+        if obj["source"] == "capture":
+            cams, photos, setting = self.capture_views(obj, record)
+            unique, camera_list = torch.ones(len(photos), dtype=torch.bool), None
+        else:
+            cams, unique, setting = self.cameras(Path(record["data"]))
+            camera_list = cams
         original = self.original(obj, record, cams, setting, splats=splats)
         edited = original.clone() if run is None else self.render(run, edit["id"], cams)
-        recon = self.reconstruction(obj, record) if method == "no-edit" else None
-        return EditOutcome(edited, original, unique, setting, wall, run, recon, camera_list=cams,
+        if method != "no-edit":
+            recon = None
+        elif photos is not None:
+            recon = (original, photos)
+        else:
+            recon = self.reconstruction(obj, record)
+        return EditOutcome(edited, original, unique, setting, wall, run, recon, camera_list=camera_list,
                            resumed_after_steps=0 if run is None else resumed,
-                           source_fingerprint=record.get("splat_source_fingerprint" if splats else "source_fingerprint"))
+                           source_fingerprint=record.get("splat_source_fingerprint" if splats else "source_fingerprint"),
+                           photos=photos, wraps=photos is None)
 
 
 class ThreestudioBackend:
@@ -444,6 +486,8 @@ class ThreestudioBackend:
             raise NotAvailable("no-edit with the threestudio backend: read the '-original' renders of any edit")
         if method in SPLAT_METHODS:
             raise NotAvailable(f"{method} with the threestudio backend: splats run in nerfstudio (splatfacto)")
+        if obj["source"] == "capture":
+            raise NotAvailable(f"capture {obj['id']} with the threestudio backend: captured scenes run in nerfstudio")
         root = self.root
         source_ckpt, settings, orbit, capture = self.source(obj)
         orbit = {"elevation": orbit.elevation, "distance": orbit.distance, "fov_y": orbit.fov_y}
@@ -559,11 +603,12 @@ def run_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict, 
 def _run_one_locked(edit: dict, obj: dict, method: str, opts: RunOptions, models: dict, seed: int) -> dict:
     outcome = BACKENDS[opts.backend](opts).edit(edit, obj, method, seed)
     memory = outcome.peak_memory or _peak_memory_mb(opts.device)
-    metrics, thumb = measure(edit, outcome, method, opts, models, seed)
+    metrics, thumb = measure(edit, outcome, method, opts, models, seed, obj)
     device = opts.device
     result = {
         "edit": edit, "method": method, "seed": seed, "preset": opts.preset, "backend": opts.backend,
-        "registered_method": REGISTERED_METHODS.get(method_variant(method)[0]) if opts.backend == "nerfstudio" else None,
+        "registered_method": (registered_method(method_variant(method)[0], obj)
+                              if opts.backend == "nerfstudio" and method != "no-edit" else None),
         "guidance_changes": method_variant(method)[1],
         "edit_steps": 0 if method == "no-edit" else opts.steps,
         "metrics": metrics, "peak_memory": memory,
@@ -581,21 +626,46 @@ def _run_one_locked(edit: dict, obj: dict, method: str, opts: RunOptions, models
     return result
 
 
+def identity_metrics(outcome: "EditOutcome", models: dict) -> dict:
+    """Whether a person is still recognisable (piva.metrics.identity), with the face model loaded once per
+    process; what cannot be computed says why."""
+    from piva.metrics.evaluate import MetricUnavailable
+    from piva.metrics.identity import identity_figures, load_face_identity
+
+    if "identity" not in models:
+        try:
+            models["identity"] = load_face_identity()
+        except MetricUnavailable as exc:
+            models["identity"] = exc
+    model = models["identity"]
+    if isinstance(model, MetricUnavailable):
+        return {"identity_unavailable": str(model)}
+    keep = torch.as_tensor(outcome.unique, dtype=torch.bool)
+    return identity_figures(outcome.edited[keep], outcome.original[keep], model)
+
+
 def measure(edit: dict, outcome: "EditOutcome", method: str, opts: RunOptions, models: dict,
-            seed: int = 0) -> tuple[dict, Path]:
+            seed: int = 0, obj: Optional[dict] = None) -> tuple[dict, Path]:
     """The metrics of an edit's renders, and its thumbnail (written beside its result)."""
     from piva.metrics.evaluate import evaluate_views
 
     image_text, unavailable = image_text_for(edit, models, opts.preset)
     metrics = evaluate_views(outcome.edited, outcome.original, edit["source_prompt"], edit["target_prompt"],
-                             outcome.unique, image_text=image_text, lpips=models.get("lpips"), unavailable=unavailable)
+                             outcome.unique, image_text=image_text, lpips=models.get("lpips"), unavailable=unavailable,
+                             wrap=outcome.wraps)
     metrics["cameras"] = outcome.cameras
-    if opts.preset == "toy" and image_text is not None:  # exact toy figures: success per view, what was kept
+    if outcome.photos is not None and method != "no-edit":  # IN2N's protocol: the edit against the photographs
+        metrics["against_photos"] = evaluate_views(outcome.edited, outcome.photos, "", "", lpips=models.get("lpips"))
+    if obj is not None and obj.get("people"):
+        metrics.update(identity_metrics(outcome, models))
+    if opts.preset == "toy" and image_text is not None and outcome.camera_list:  # exact toy figures: success per view, what was kept
         metrics["toy"] = toy_figures(edit, outcome, models.get("toy_judge"))
     if outcome.reconstruction is not None:  # no-edit: how well the source scene matches the prepared views
         source, truth = outcome.reconstruction
         metrics["reconstruction"] = {**evaluate_views(source, truth, "", "", lpips=models.get("lpips")),
-                                     "held_out": "test (or val) split, not used to train the source scene"}
+                                     "held_out": "the capture's held-out frames, not used to train the source scene"
+                                     if outcome.photos is not None else
+                                     "test (or val) split, not used to train the source scene"}
     thumb = result_path(opts.out, method, edit["id"], seed).with_suffix(".png")
     save_thumbnail(thumb, outcome.original, outcome.edited)
     return metrics, thumb
@@ -624,7 +694,7 @@ def rescore_one(edit: dict, obj: dict, method: str, opts: RunOptions, models: di
                 raise NotAvailable(f"its run ({run}) is gone or unfinished: delete {path} to run the edit again")
         opts = dataclasses.replace(opts, edit_steps=old["edit_steps"] or None)
         outcome = BACKENDS[opts.backend](opts).edit(edit, obj, method, seed)
-    metrics, _ = measure(edit, outcome, method, opts, models, seed)
+    metrics, _ = measure(edit, outcome, method, opts, models, seed, obj)
     result = {**old, "metrics": metrics,
               "rescored": {"on": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
                            "note": "metrics measured again from the stored run; time and memory as recorded"}}

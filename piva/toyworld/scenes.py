@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -168,7 +168,13 @@ def _primitives(scene: Scene) -> list[tuple]:
     return items
 
 
-def render(scene: Scene, cam: Camera, supersample: int = 2) -> dict[str, np.ndarray]:
+Surroundings = Callable[[np.ndarray, np.ndarray], tuple]
+"""(ray origins, directions) -> (hit distance [R] (inf: none), normal [R,3], colour [R,3]): what is around a scene
+(a captured room: piva.toyworld.capture), drawn where it is nearer than the scene's own primitives."""
+
+
+def render(scene: Scene, cam: Camera, supersample: int = 2,
+           surroundings: Optional[Surroundings] = None) -> dict[str, np.ndarray]:
     """Exact render: rgb [H,W,3] on the grey background, alpha [H,W], depth [H,W] (z-depth, inf = background),
     and `object` [H,W], the coverage of the main object alone (what appearance edits should touch)."""
     o, d = camera_rays(cam, supersample)
@@ -176,13 +182,16 @@ def render(scene: Scene, cam: Camera, supersample: int = 2) -> dict[str, np.ndar
     color = np.zeros((len(o), 3))
     normal = np.zeros((len(o), 3))
     main = np.zeros(len(o), bool)
-    for kind, args, col, is_main in _primitives(scene):
-        fn = {"box": _box, "sphere": _sphere, "cylinder": _cylinder}[kind]
-        t, n = fn(o, d, *args)
+    hits = [({"box": _box, "sphere": _sphere, "cylinder": _cylinder}[kind](o, d, *args), col, is_main)
+            for kind, args, col, is_main in _primitives(scene)]
+    if surroundings is not None:
+        t, n, col = surroundings(o, d)
+        hits.append(((t, n), col, False))
+    for (t, n), col, is_main in hits:
         closer = t < best_t
         best_t = np.where(closer, t, best_t)
         normal[closer] = n[closer]
-        c = np.broadcast_to(np.array(col, float), color.shape).copy()
+        c = np.broadcast_to(np.asarray(col, float), color.shape).copy()
         if is_main and "stripe" in scene.parts:
             z = (o + np.nan_to_num(t, posinf=0)[:, None] * d)[:, 2]
             c[np.abs(z) < 0.1] = WHITE
