@@ -161,3 +161,73 @@ def test_toy_capture_edit_turns_the_cube_blue_end_to_end(tmp_path):
     assert blue_minus_red.mean() > 0.3, (before, after)
     room = torch.from_numpy(masks < 0.01)[:, None].expand_as(edited)
     print(f"object blue-red shift {blue_minus_red.mean():.3f}; room change {(edited - photos)[room].abs().mean():.3f}")
+
+
+def test_people_get_the_identity_figure_at_the_evaluation_views(tmp_path):
+    """The runner's glue: a `people` object's result carries the face figures of its unique views."""
+    pytest.importorskip("skimage")
+    from skimage.data import astronaut
+
+    from piva.noe.runner import EditOutcome, identity_metrics
+
+    face = torch.from_numpy(astronaut()).permute(2, 0, 1).float().div(255)[None]
+    face = torch.nn.functional.interpolate(face, size=(192, 192), mode="area")
+    grey = torch.full_like(face, 0.5)
+    original = torch.cat([face, face, grey])
+    edited = torch.cat([face * torch.tensor([1.0, 0.9, 0.8])[:, None, None], grey, grey])  # a warm tint; a lost face
+    outcome = EditOutcome(edited, original, torch.tensor([True, True, False]), {}, 0.0, None)
+    models: dict = {}
+    figures = identity_metrics(outcome, models)
+    if "identity_unavailable" in figures and "pip install" in figures["identity_unavailable"]:
+        assert not os.environ.get("CI"), figures  # the faces extra is part of CI's install
+        pytest.skip(figures["identity_unavailable"])
+    assert figures["identity_views"] == 2  # the third view is not a unique one
+    assert figures["identity_same_person"] == 0.5  # the tinted face is him; the erased one is not
+    assert "identity" in models  # loaded once per process
+
+
+def as_colmap_folder(capture: Path, out: Path) -> Path:
+    """The same capture as COLMAP leaves it: images/ and a text model in sparse/0 (OpenCV cameras, world-to-camera
+    quaternions, scalar first), no transforms.json."""
+    import shutil
+
+    from scipy.spatial.transform import Rotation
+
+    meta = json.loads((capture / "transforms.json").read_text())
+    shutil.copytree(capture / "images", out / "images")
+    model = out / "sparse" / "0"
+    model.mkdir(parents=True)
+    (model / "cameras.txt").write_text(
+        f"1 PINHOLE {meta['w']} {meta['h']} {meta['fl_x']} {meta['fl_y']} {meta['cx']} {meta['cy']}\n")
+    lines = []
+    for i, frame in enumerate(meta["frames"], start=1):
+        c2w = np.array(frame["transform_matrix"])
+        c2w[:3, 1:3] *= -1  # OpenGL -> OpenCV camera axes
+        w2c = np.linalg.inv(c2w)
+        x, y, z, w = Rotation.from_matrix(w2c[:3, :3]).as_quat()
+        lines += [f"{i} {w} {x} {y} {z} {' '.join(map(str, w2c[:3, 3]))} 1 {Path(frame['file_path']).name}", ""]
+    (model / "images.txt").write_text("\n".join(lines) + "\n")
+    (model / "points3D.txt").write_text("")
+    return out
+
+
+def test_a_colmap_capture_is_read_like_its_transforms(capture, tmp_path):
+    """A COLMAP folder (no transforms.json) gets its images_2 made and the same held-out frames, sizes and camera
+    layout as the transforms.json of the same capture (up to nerfstudio's own rotation and scale of the world)."""
+    from piva.nerfstudio.runs import CaptureScene
+    from piva.nerfstudio.views import held_out_views
+
+    colmap = as_colmap_folder(capture, tmp_path / "colmap-capture")
+    obj = {"id": "c", "source": "capture", "path": str(colmap), "downscale": 2, "source_prompt": "a red cube"}
+    assert capture_folder(obj, PrepareOptions(root=tmp_path, preset="toy")) == colmap
+    assert (colmap / "images_2" / "frame_00001.jpg").is_file()
+    downscaled_images(capture, 2)
+    views = {}
+    for name, folder in (("transforms", capture), ("colmap", colmap)):
+        cameras, photos, paths = held_out_views(CaptureScene(folder, downscale=2))
+        centres = cameras.camera_to_worlds[:, :3, 3]
+        gaps = torch.cdist(centres, centres)
+        views[name] = ([p.name for p in paths], photos.shape, gaps / gaps.max(), float(cameras.fx[0]))
+    (names_t, shape_t, gaps_t, fx_t), (names_c, shape_c, gaps_c, fx_c) = views["transforms"], views["colmap"]
+    assert names_t == names_c and shape_t == shape_c and abs(fx_t - fx_c) < 1e-4
+    assert torch.allclose(gaps_t, gaps_c, atol=1e-4)

@@ -321,6 +321,84 @@ def test_leaderboard_means_per_method_and_type(tmp_path):
     assert "(reported" in Path(pages["html"]).read_text()
 
 
+def _manifest(name: str) -> dict:
+    return json.loads((ROOT / "benchmark" / "noe" / name).read_text())
+
+
+def test_reported_rows_come_from_the_manifest_they_were_measured_on(tmp_path):
+    """in2n's leaderboard shows the PiVa paper's table 3 (its 12 edits, CLIP and PSNR/LPIPS against the photographs)
+    and not Noe's table 2;
+    Noe's shows table 2 (112 edits) and not table 3; a manifest without a `reported` block shows none."""
+    from piva.noe.leaderboard import reported_rows, write_leaderboards
+
+    _fake_result(tmp_path, "piva", "face-clown", "texturing", 0.26, 0.30)
+    _fake_result(tmp_path, "dds", "face-clown", "texturing", 0.22, 0.40)
+    table3 = {"in2n": ("0.2380", "15.84", "0.3560"), "dds": ("0.2250", "16.05", "0.3940"),
+              "pds": ("0.2480", "17.56", "0.3920"), "piva": ("0.2500", "18.60", "0.3120")}
+    pages = write_leaderboards(tmp_path, "in2n", reported=reported_rows(_manifest("in2n-manifest.json")))
+    md, page = Path(pages["markdown"]).read_text(), Path(pages["html"]).read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method | edits |"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    for method, (clip, psnr, lpips) in table3.items():
+        label = f"{method} (reported, PiVa paper, table 3)"
+        row = next(line for line in md.splitlines() if line.startswith(f"| {label} |"))
+        cells = dict(zip(cols, (c.strip() for c in row.strip("|").split("|"))))
+        assert (cells["edits"], cells["CLIP ↑"], cells["PSNR photos ↑"], cells["LPIPS photos ↓"]) == ("12", clip, psnr, lpips)
+        assert cells["PSNR ↑"] == "–"  # measured against the photographs, not against the original's renders
+        assert label in page and f"<td>{psnr}</td>" in page
+    assert md.count("(reported,") == 4 and "table 2" not in md and "0.1133" not in md and "0.1133" not in page
+    assert "every dataset viewpoint" in md  # what the reported figures measured
+
+    pages = write_leaderboards(tmp_path, "noe", reported=reported_rows(_manifest("manifest.json")))
+    md = Path(pages["markdown"]).read_text()
+    assert "| piva (reported, PiVa paper, table 2) | 112 | – | 0.2450 |" in md and "0.1133" in md
+    assert "| dds (reported, PiVa paper, table 2) | 112 | – | 0.2420 |" in md and "table 3" not in md
+    assert Path(write_leaderboards(tmp_path, "noe", reported=True)["markdown"]).read_text() == md  # no manifest at hand
+    assert reported_rows(_manifest("toy-manifest.json")) is None
+    md = Path(write_leaderboards(tmp_path, "toy", reported=None)["markdown"]).read_text()
+    assert "(reported" not in md
+
+
+def test_capture_figures_get_their_own_columns(tmp_path):
+    """A capture's figures against its photographs, and a person's face figures, are columns of their own."""
+    from piva.noe.leaderboard import write_leaderboards
+    from piva.noe.runner import result_path
+
+    _fake_result(tmp_path, "piva", "face-clown", "texturing", 0.26, 0.30)
+    path = result_path(tmp_path, "piva", "face-clown")
+    rec = json.loads(path.read_text())
+    rec["metrics"].update(against_photos={"views": 6, "psnr": 17.25, "ssim": 0.5, "lpips": 0.321},
+                          identity_same_person=0.75, identity_distance=0.42, identity=0.97)
+    path.write_text(json.dumps(rec))
+    md = Path(write_leaderboards(tmp_path, "in2n")["markdown"]).read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method | edits |"))
+    row = next(line for line in md.splitlines() if line.startswith("| piva |"))
+    cells = dict(zip([c.strip() for c in header.strip("|").split("|")], (c.strip() for c in row.strip("|").split("|"))))
+    assert (cells["PSNR photos ↑"], cells["LPIPS photos ↓"], cells["PSNR ↑"]) == ("17.2", "0.3210", "20.0")
+    assert (cells["same person ↑"], cells["face dist ↓"]) == ("0.7500", "0.4200")
+
+
+def test_the_benchmark_command_passes_the_manifest_s_reported_rows(tmp_path, monkeypatch):
+    """benchmark/run.py --leaderboard-only hands the chosen manifest's `reported` block to the leaderboard."""
+    import piva.noe.leaderboard as leaderboard
+
+    sys.path.insert(0, str(ROOT / "benchmark"))
+    try:
+        import run as bench
+    finally:
+        sys.path.pop(0)
+
+    seen = []
+    monkeypatch.setattr(leaderboard, "write_leaderboards",
+                        lambda out, name, reported=None: seen.append((name, reported)))
+    assert bench.main(["--manifest", str(ROOT / "benchmark" / "noe" / "in2n-manifest.json"), "--out", str(tmp_path),
+                       "--leaderboard-only"]) == 0
+    assert bench.main(["--toy", "--out", str(tmp_path), "--leaderboard-only"]) == 0
+    (name, in2n), (_, toy) = seen
+    assert name == "in2n" and in2n["edits"] == 12 and set(in2n["rows"]) == {"in2n", "dds", "pds", "piva"}
+    assert toy is None
+
+
 def test_paired_piva_minus_dds_with_a_bootstrap_interval(tmp_path):
     """Mean paired difference by hand; the interval against a hand percentile bootstrap; 'both succeed' filters."""
     import numpy as np

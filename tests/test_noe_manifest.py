@@ -211,3 +211,43 @@ def test_edits_are_picked_by_id_and_an_unknown_id_is_named(tmp_path, capsys):
         sys.path.pop(0)
     assert run.main(["--toy", "--out", str(tmp_path), "--edits", "toy-red-cube-texturing-9"]) == 2
     assert "toy-red-cube-texturing-9" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+IN2N = json.loads((ROOT / "benchmark" / "noe" / "in2n-manifest.json").read_text())
+
+
+def test_the_in2n_manifest_is_the_paper_s_real_scene_protocol():
+    """PiVa table 3: 9 edits of IN2N's face capture and 3 of its bear capture (grizzly, polar bear, panda), with
+    the paper's four rows as printed; captures with a download link; the face edits flagged as of a person."""
+    m = validate(IN2N)
+    assert m["name"] == "in2n" and "reconstructed" in m["note"].lower()
+    per_object = {o["id"]: sum(e["object"] == o["id"] for e in m["edits"]) for o in m["objects"]}
+    assert per_object == {"face": 9, "bear": 3}
+    objects = {o["id"]: o for o in m["objects"]}
+    assert all(o["source"] == "capture" and o["path"] and o["url"].startswith("https://") for o in objects.values())
+    assert objects["face"]["people"] is True and not objects["bear"].get("people")
+    bear = " ".join(e["target_prompt"] for e in m["edits"] if e["object"] == "bear")
+    assert all(kind in bear for kind in ("grizzly bear", "polar bear", "panda"))
+    assert m["reported"]["source"] == "PiVa paper, table 3"
+    assert m["reported"]["rows"] == {"in2n": {"clip_score": 0.238, "photo_psnr": 15.84, "photo_lpips": 0.356},
+                                     "dds": {"clip_score": 0.225, "photo_psnr": 16.05, "photo_lpips": 0.394},
+                                     "pds": {"clip_score": 0.248, "photo_psnr": 17.56, "photo_lpips": 0.392},
+                                     "piva": {"clip_score": 0.250, "photo_psnr": 18.60, "photo_lpips": 0.312}}
+    with pytest.raises(ManifestError, match="Noe has 35 objects"):  # Noe's own counts are not asked of it
+        validate(IN2N, full_benchmark=True)
+
+
+def test_noe_keeps_its_reported_rows_in_its_manifest():
+    """One place for a paper's figures: the manifest they were measured on (Noe: table 2)."""
+    assert MANIFEST["reported"]["source"] == "PiVa paper, table 2"
+    assert MANIFEST["reported"]["rows"] == {"dds": {"clip_score": 0.242, "lpips": 0.1918},
+                                           "piva": {"clip_score": 0.245, "lpips": 0.1133}}
+
+
+@pytest.mark.parametrize("rows, message", [({}, "should be non-empty"), ({"piva": {"clip": 0.2}}, "unknown figure"),
+                                           ({"piva": {"psnr": "18.6"}}, "is not of type")])
+def test_reported_rows_must_be_figures_the_leaderboard_shows(rows, message):
+    bad = copy.deepcopy(IN2N)
+    bad["reported"]["rows"] = rows
+    with pytest.raises(ManifestError, match=message):
+        validate(bad)

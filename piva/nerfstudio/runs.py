@@ -125,10 +125,23 @@ class ObjectScene:
                     far_plane=self.far)
 
 
+COLMAP_MODELS = ("colmap/sparse/0", "sparse/0", "sparse")
+"""Where a COLMAP folder keeps its model (cameras, images), relative to the capture: nerfstudio's layout first."""
+
+
+def colmap_model(folder: Path) -> Optional[Path]:
+    """The COLMAP model folder of a capture without transforms.json, or None."""
+    for sub in COLMAP_MODELS:
+        if any((Path(folder) / sub / f"cameras.{ext}").is_file() for ext in ("bin", "txt")):
+            return Path(sub)
+    return None
+
+
 @dataclass(frozen=True)
 class CaptureScene:
-    """A captured scene as `ns-process-data` leaves it (transforms.json + images): nerfstudio's own parser, with
-    its orientation, centring and scale, and nerfacto's unbounded background and depth range."""
+    """A captured scene as `ns-process-data` leaves it (transforms.json + images), or a COLMAP folder (images/ and
+    a sparse model): nerfstudio's own parsers, with their orientation, centring and scale, and nerfacto's
+    unbounded background and depth range."""
 
     data: Path
     downscale: int = 1
@@ -138,10 +151,16 @@ class CaptureScene:
     backdrop = None  # no fixed colour behind a captured scene
 
     def parser(self):
+        split = dict(downscale_factor=self.downscale, eval_mode="interval", eval_interval=self.eval_every)
+        model = None if (Path(self.data) / "transforms.json").is_file() else colmap_model(Path(self.data))
+        if model is not None:
+            from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
+
+            # SfM points are for splats; nerfacto does not read them.
+            return ColmapDataParserConfig(data=Path(self.data), colmap_path=model, load_3D_points=False, **split)
         from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 
-        return NerfstudioDataParserConfig(data=Path(self.data), downscale_factor=self.downscale, eval_mode="interval",
-                                          eval_interval=self.eval_every)
+        return NerfstudioDataParserConfig(data=Path(self.data), **split)
 
     def model_settings(self, size: RunSize) -> dict:
         return dict(CPU_FIELD) if size.cpu_field else {}

@@ -1,8 +1,8 @@
 """Leaderboards from stored results: markdown and a static HTML page (thumbnails, a CLIP-vs-LPIPS plot).
 
-On the Noe manifest, the paper's own numbers are shown as a reference row labelled
-"reported" (they come from the paper's table 2, not from this machine); other
-manifests (the toy Noe, a user's objects) are not comparable with them and get none.
+A manifest may carry a paper's own figures for exactly its edits (its `reported` block: Noe's from the PiVa
+paper's table 2, in2n's from table 3); they are shown as reference rows labelled "reported" (not made on this
+machine). Other manifests (the toy Noe, a user's objects) are not comparable with any and get none.
 """
 
 from __future__ import annotations
@@ -12,18 +12,16 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 from piva.io import atomic_path, atomic_write_text
-from piva.noe.validate import edit_type
+from piva.noe.validate import DEFAULT_MANIFEST, edit_type
 
 if TYPE_CHECKING:
     import numpy as np
 
-REPORTED = {  # PiVa paper, table 2 (Noe, threestudio, CLIP ViT-B/32, LPIPS AlexNet)
-    "dds": {"clip_score": 0.242, "lpips": 0.1918},
-    "piva": {"clip_score": 0.245, "lpips": 0.1133},
-}
+NOE_MANIFEST = Path(__file__).resolve().parents[2] / DEFAULT_MANIFEST
+"""The checkout's Noe manifest: where `reported=True` (a caller without a manifest) takes Noe's reported rows."""
 COLUMNS = [  # (key, header, higher is better)
     ("clip_score", "CLIP ↑", True), ("clip_direction", "CLIP dir ↑", True), ("clip_consistency", "consistency ↑", True),
     ("judge_score", "judge ↑", True), ("judge_direction", "judge dir ↑", True), ("judge_consistency", "judge cons ↑", True),
@@ -31,16 +29,53 @@ COLUMNS = [  # (key, header, higher is better)
     ("toy_silhouette_iou_vs_source_geometry", "IoU src", True), ("toy_silhouette_iou_vs_target_geometry", "IoU tgt", True),
     ("toy_silhouette_iou_vs_original", "IoU orig", True),
     ("lpips", "LPIPS ↓", False), ("psnr", "PSNR ↑", True), ("ssim", "SSIM ↑", True),
+    ("photo_lpips", "LPIPS photos ↓", False), ("photo_psnr", "PSNR photos ↑", True),
+    ("identity_same_person", "same person ↑", True), ("identity_distance", "face dist ↓", False),
     ("wall_time_s", "time s", False), ("peak_mb", "peak MB", False),
 ]
 # Toy world only: success = share of views the judge captions as the target (among every toy caption);
 # bg PSNR = against the original outside the exact source and target silhouettes; IoU src/tgt = silhouette vs the
 # exact shapes; IoU orig = vs the original scene's own silhouette (what the edit changed).
+# Captures: LPIPS/PSNR photos = against the held-out photographs (Instruct-NeRF2NeRF's protocol; the plain columns
+# are against the original scene's renders); same person / face dist = dlib face descriptors (people only).
 PAIRED = ("toy_background_psnr_vs_original", "psnr", "ssim", "toy_judge_success_rate", "judge_score", "clip_score", "lpips")
 PAIRED_BY_TYPE = ("toy_background_psnr_vs_original", "toy_judge_success_rate")
 PAIRED_HEADING = "PiVa − DDS (and − SDS; splats − NeRF) on the same edits (paired; 95 % bootstrap interval over edits)"
 SUCCESS = 0.7
 """A toy edit counts as a success for the paired comparison when the judge names the target in this share of views."""
+
+
+def reported_rows(manifest: Optional[dict]) -> Optional[dict]:
+    """The manifest's `reported` block with the number of edits its rows cover (all the manifest's edits), or
+    None: reported figures are shown only beside results of the manifest they were measured on."""
+    block = (manifest or {}).get("reported")
+    if not block or not block.get("rows"):
+        return None
+    return {**block, "edits": len(manifest.get("edits", []))}
+
+
+Reported = Union[bool, dict, None]
+"""What a leaderboard shows as reported rows: `reported_rows(manifest)`, None/False for none, or True for the
+Noe manifest's (a caller that has no manifest at hand)."""
+
+
+def resolve_reported(reported: Reported) -> Optional[dict]:
+    """`reported` as a `reported_rows` block (True: the checkout's Noe manifest's), or None."""
+    if reported is True:
+        if not NOE_MANIFEST.is_file():
+            raise FileNotFoundError(f"reported=True reads Noe's reported rows from {NOE_MANIFEST}, which is missing: "
+                                    "pass reported_rows(manifest) instead")
+        return reported_rows(json.loads(NOE_MANIFEST.read_text()))
+    return reported or None
+
+
+def _reported_label(method: str, block: dict) -> str:
+    return f"{method} (reported, {block['source']})"
+
+
+def _fmt_reported(v: Optional[float]) -> str:
+    """A paper's figure as printed there (PSNR with two decimals), else as ours are."""
+    return f"{v:.2f}" if v is not None and abs(v) >= 10 else _fmt(v)
 
 
 def run_settings(out: Path) -> dict:
@@ -76,6 +111,8 @@ def load_results(out: Path, left_out: Optional[list] = None) -> list[dict]:
             continue
         flat = {k: v for k, v in r["metrics"].items() if isinstance(v, (int, float))}
         flat.update({f"toy_{k}": v for k, v in (r["metrics"].get("toy") or {}).items() if isinstance(v, (int, float))})
+        flat.update({f"photo_{k}": v for k, v in (r["metrics"].get("against_photos") or {}).items()
+                     if k in ("psnr", "lpips", "ssim")})
         flat.update(wall_time_s=r["wall_time_s"],
                     peak_mb=r["peak_memory"].get("gpu_peak_mb", r["peak_memory"].get("process_peak_rss_mb")))
         edit = {**r["edit"], "type": edit_type(r["edit"]["type"])}  # results stored under an older type name
@@ -115,13 +152,15 @@ def _columns(tables: list[dict]) -> list[tuple]:
     return [c for c in COLUMNS if c[0] in present]
 
 
-def markdown(rows: list[dict], manifest_name: str, reported: bool = False, grid_file: Optional[str] = None,
+def markdown(rows: list[dict], manifest_name: str, reported: Reported = None, grid_file: Optional[str] = None,
              settings: Optional[dict] = None, failed: Optional[dict] = None, left_out: Optional[list] = None) -> str:
-    """`reported`: add the paper's Noe rows (only comparable on the Noe manifest itself); `settings`, what the
-    results were made with; `failed`, edits that could not run (why); `left_out`, results made otherwise."""
+    """`reported`: the manifest's reported rows (`reported_rows`; only comparable on that manifest itself);
+    `settings`, what the results were made with; `failed`, edits that could not run (why); `left_out`, results
+    made otherwise."""
     by_method = aggregate(rows, ("method",))
     by_type = aggregate(rows, ("method", "type"))
-    cols = _columns([by_method, by_type] + ([{("reported",): r for r in REPORTED.values()}] if reported else []))
+    paper = resolve_reported(reported)
+    cols = _columns([by_method, by_type] + ([{(m,): r for m, r in paper["rows"].items()}] if paper else []))
     models = {k: v for r in rows for k, v in r["models"].items()}
     missing = {k: v for r in rows for k, v in r["unavailable"].items()}
     lines = [f"# {manifest_name}: leaderboard", ""]
@@ -133,8 +172,11 @@ def markdown(rows: list[dict], manifest_name: str, reported: bool = False, grid_
               "|---|---|---|" + "---|" * len(cols)]
     for (method,), row in by_method.items():
         lines.append(f"| {method} | {row['n']} | {row['seeds']} | " + " | ".join(_fmt(row.get(c)) for c, _, _ in cols) + " |")
-    for method, row in REPORTED.items() if reported else ():
-        lines.append(f"| {method} (reported, paper table 2) | 112 | – | " + " | ".join(_fmt(row.get(c)) for c, _, _ in cols) + " |")
+    for method, row in paper["rows"].items() if paper else ():
+        lines.append(f"| {_reported_label(method, paper)} | {paper['edits']} | – | "
+                     + " | ".join(_fmt_reported(row.get(c)) for c, _, _ in cols) + " |")
+    if paper and paper.get("protocol"):
+        lines += ["", f"Reported rows ({paper['source']}, not measured here): {paper['protocol']}"]
     lines += ["", "## Per method and edit type", "",
               "| method | type | edits | seeds | " + " | ".join(h for _, h, _ in cols) + " |",
               "|---|---|---|---|" + "---|" * len(cols)]
@@ -244,8 +286,9 @@ def reconstructions(rows: list[dict]) -> dict:
             if r["method"] == "no-edit" and r.get("reconstruction")}
 
 
-def plot(rows: list[dict], path: Path, reported: bool = False) -> Optional[str]:
-    """CLIP (or judge) score against LPIPS (or 1 - SSIM where LPIPS is unavailable), one point per edit."""
+def plot(rows: list[dict], path: Path, reported: Reported = None) -> Optional[str]:
+    """CLIP (or judge) score against LPIPS (or 1 - SSIM where LPIPS is unavailable), one point per edit; the
+    reported rows (`reported_rows`) that have both figures as stars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,9 +302,11 @@ def plot(rows: list[dict], path: Path, reported: bool = False) -> Optional[str]:
         pts = [(x if x_key == "lpips" else 1 - x, y) for x, y in pts if x is not None and y is not None]
         if pts:
             ax.scatter(*zip(*pts), label=method, alpha=0.8)
-    if reported and x_key == "lpips" and y_key == "clip_score":
-        for method, rep in REPORTED.items():
-            ax.scatter([rep["lpips"]], [rep["clip_score"]], marker="*", s=120, label=f"{method} (reported)")
+    paper = resolve_reported(reported)
+    if paper and x_key == "lpips" and y_key == "clip_score":
+        for method, rep in paper["rows"].items():
+            if "lpips" in rep and "clip_score" in rep:
+                ax.scatter([rep["lpips"]], [rep["clip_score"]], marker="*", s=120, label=f"{method} (reported)")
     ax.set_xlabel("LPIPS to original ↓" if x_key == "lpips" else "1 − SSIM to original ↓")
     ax.set_ylabel("CLIP score ↑" if y_key == "clip_score" else "toy judge score ↑ (not CLIP)")
     ax.legend(fontsize=7)
@@ -357,11 +402,12 @@ window.addEventListener('load', () => {
 </script>"""
 
 
-def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], reported: bool = False,
+def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], reported: Reported = None,
               grid_file: Optional[str] = None, settings: Optional[dict] = None) -> str:
     by_method = aggregate(rows, ("method",))
     by_type = aggregate(rows, ("method", "type"))
-    cols = _columns([by_method, by_type])
+    paper = resolve_reported(reported)
+    cols = _columns([by_method, by_type] + ([{(m,): r for m, r in paper["rows"].items()}] if paper else []))
     e = html.escape
 
     def table(agg: dict, keys: list[str], paper_rows: bool) -> str:
@@ -371,11 +417,16 @@ def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], re
         for key, row in agg.items():
             body.append("<tr>" + "".join(f"<td>{e(str(k))}</td>" for k in key) + f"<td>{row['n']}</td><td>{row['seeds']}</td>"
                         + "".join(f"<td>{_fmt(row.get(c))}</td>" for c, _, _ in cols) + "</tr>")
-        if paper_rows:
-            for method, row in REPORTED.items():
-                body.append(f"<tr class='reported'><td>{method} (reported, paper)</td><td>112</td><td>–</td>"
-                            + "".join(f"<td>{_fmt(row.get(c))}</td>" for c, _, _ in cols) + "</tr>")
-        return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+        if paper_rows and paper:
+            for method, row in paper["rows"].items():
+                body.append(f"<tr class='reported'><td>{e(_reported_label(method, paper))}</td>"
+                            f"<td>{paper['edits']}</td><td>–</td>"
+                            + "".join(f"<td>{_fmt_reported(row.get(c))}</td>" for c, _, _ in cols) + "</tr>")
+        table_html = f"<table><tr>{head}</tr>{''.join(body)}</table>"
+        if paper_rows and paper and paper.get("protocol"):
+            table_html += (f"<p class='reported'>Reported rows ({e(paper['source'])}, not measured here): "
+                           f"{e(paper['protocol'])}</p>")
+        return table_html
 
     pairs = paired_with_dds(rows)
     paired_table = "" if not pairs else (
@@ -417,7 +468,7 @@ def html_page(rows: list[dict], manifest_name: str, plot_file: Optional[str], re
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; }}
 td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-tr.reported {{ color: #777; font-style: italic; }}
+tr.reported, p.reported {{ color: #777; font-style: italic; }}
 figure {{ display: inline-block; margin: 8px; width: 400px; vertical-align: top; }}
 figure img {{ width: 100%; image-rendering: pixelated; border: 1px solid #ddd; }}
 figcaption {{ font-size: 12px; }}
@@ -441,9 +492,11 @@ img.grid {{ max-width: 100%; image-rendering: pixelated; }}
 """
 
 
-def write_leaderboards(out: Path, manifest_name: str = "noe", reported: bool = False) -> dict:
-    """leaderboard.md/.html of every stored result; `reported` adds the paper's rows (the Noe manifest only)."""
+def write_leaderboards(out: Path, manifest_name: str = "noe", reported: Reported = None) -> dict:
+    """leaderboard.md/.html of every stored result; `reported` adds a paper's rows for this manifest
+    (`reported_rows(manifest)`; True: Noe's, for a caller without the manifest)."""
     out = Path(out)
+    reported = resolve_reported(reported)
     left_out: list = []
     rows = load_results(out, left_out)
     failures = out / "failed.json"

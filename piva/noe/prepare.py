@@ -20,7 +20,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from piva.nerfstudio.runs import CaptureScene, ObjectScene, RunSize
+from piva.nerfstudio.runs import CaptureScene, ObjectScene, RunSize, colmap_model
 from piva.noe.presets import Preset, get_preset
 
 DISTANCE, FOV_Y, ELEVATION = 4.0, 50.0, (5.0, 85.0)
@@ -179,35 +179,49 @@ def capture_folder(obj: dict, opts: PrepareOptions) -> Path:
             write_capture(Scene.from_caption(obj["source_prompt"]), folder)
     else:
         folder = Path(obj["path"]).expanduser()
-    if not (folder / "transforms.json").is_file():
+    if not (folder / "transforms.json").is_file() and colmap_model(folder) is None:
         where = f" (the data: {obj['url']})" if obj.get("url") else ""
-        raise NotAvailable(f"capture {obj['id']}: {folder} has no transforms.json{where}; make it from photos or a "
-                           f"video with `ns-process-data images --data PHOTOS --output-dir {folder}`")
+        raise NotAvailable(f"capture {obj['id']}: {folder} has no transforms.json and no COLMAP model{where}; make it "
+                           f"from photos or a video with `ns-process-data images --data PHOTOS --output-dir {folder}`")
     if obj.get("downscale", 1) > 1:
         downscaled_images(folder, obj["downscale"])
     return folder
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def capture_frames(folder: Path) -> dict[Path, Path]:
+    """Each frame of a capture -> where nerfstudio reads it at 1/f size, relative to `images_<f>/`: its file name
+    (transforms.json), or its path under images/ (COLMAP)."""
+    if (folder / "transforms.json").is_file():
+        return {Path(f["file_path"]): Path(Path(f["file_path"]).name)
+                for f in json.loads((folder / "transforms.json").read_text())["frames"]}
+    return {p.relative_to(folder): p.relative_to(folder / "images") for p in sorted((folder / "images").rglob("*"))
+            if p.suffix.lower() in IMAGE_SUFFIXES}
+
+
 def downscaled_images(folder: Path, factor: int) -> Path:
-    """`images_<factor>/` as nerfstudio reads it (each frame's file name, size floor(w/f) x floor(h/f)), made
-    from the frames when missing or incomplete, averaged over each f x f block."""
+    """`images_<factor>/` as nerfstudio reads it (size floor(w/f) x floor(h/f)), made from the frames when missing
+    or incomplete, averaged over each f x f block."""
     from PIL import Image
 
     from piva.io import atomic_path
 
-    frames = [Path(f["file_path"]) for f in json.loads((folder / "transforms.json").read_text())["frames"]]
+    frames = capture_frames(folder)
     out = folder / f"images_{factor}"
-    if all((out / f.name).is_file() for f in frames):
+    if all((out / small).is_file() for small in frames.values()):
         return out
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        for f in frames:
+        for f, small_name in frames.items():
             src = folder / f
             if not src.is_file():
-                raise NotAvailable(f"capture {folder}: frame {f} listed in transforms.json is missing")
+                raise NotAvailable(f"capture {folder}: frame {f} is listed but missing")
+            (tmp / small_name).parent.mkdir(parents=True, exist_ok=True)
             with Image.open(src) as im:
                 small = im.convert("RGB").resize((im.width // factor, im.height // factor), Image.Resampling.BOX)
-                small.save(tmp / f.name, **({"quality": 95} if f.suffix.lower() in (".jpg", ".jpeg") else {}))
+                small.save(tmp / small_name, **({"quality": 95} if f.suffix.lower() in (".jpg", ".jpeg") else {}))
     print(f"[noe] made {out} ({len(frames)} frames at 1/{factor} size)")
     return out
 
@@ -216,7 +230,11 @@ def capture_settings(obj: dict, folder: Path) -> dict:
     """What a capture's source scene is made from: its frames' poses (transforms.json) and the size read."""
     from piva.io import file_fingerprint
 
-    return {"source": "capture", "path": str(folder), "transforms": file_fingerprint(folder / "transforms.json"),
+    poses = folder / "transforms.json"
+    if not poses.is_file():  # COLMAP: its images file holds every pose
+        model = folder / colmap_model(folder)
+        poses = model / "images.bin" if (model / "images.bin").is_file() else model / "images.txt"
+    return {"source": "capture", "path": str(folder), "poses": file_fingerprint(poses),
             "downscale": obj.get("downscale", 1), "eval_every": obj.get("eval_every", 8)}
 
 

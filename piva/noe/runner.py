@@ -63,8 +63,9 @@ class RunOptions:
     """Each seed is its own run of every (method, edit): the scene's and the guidance's random draws. Methods
     on the same seed start from the same random state and are judged at the same cameras; the paired tables
     compare them seed by seed."""
-    reported: bool = False
-    """Show the paper's reported Noe rows beside ours (the Noe manifest only: other manifests are not comparable)."""
+    reported: Optional[dict] = None
+    """The manifest's reported rows (`piva.noe.leaderboard.reported_rows`), shown beside ours: only on the manifest
+    they were measured on (Noe's table 2, in2n's table 3); None for any other."""
 
     @property
     def sizes(self) -> Preset:
@@ -363,8 +364,8 @@ class NerfstudioBackend:
 
         scene = object_scene(obj, Path(record["data"]))
         cameras, photos, paths = held_out_views(scene)
-        listed = any(f"{s}_filenames" in json.loads((Path(record["data"]) / "transforms.json").read_text())
-                     for s in ("test", "val"))
+        poses = Path(record["data"]) / "transforms.json"
+        listed = poses.is_file() and any(f"{s}_filenames" in json.loads(poses.read_text()) for s in ("test", "val"))
         setting = {"views": len(paths), "held_out": "the capture's own test list" if listed else
                    f"every {scene.eval_every}th frame (nerfstudio's eval split)", "frames": [p.name for p in paths],
                    "size": [int(photos.shape[3]), int(photos.shape[2])], "downscale": scene.downscale}

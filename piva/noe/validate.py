@@ -76,6 +76,7 @@ def validate(manifest: Union[dict, str, Path], full_benchmark: bool = False) -> 
         f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {_message(e)}"
         for e in sorted(jsonschema.Draft202012Validator(schema).iter_errors(manifest), key=lambda e: list(e.path))
     ]
+    problems += _reported_problems(manifest.get("reported"))
     objects = {o.get("id"): o for o in manifest.get("objects", []) if isinstance(o, dict)}
     for kind, items in (("object", manifest.get("objects", [])), ("edit", manifest.get("edits", []))):
         dup = [k for k, n in Counter(i.get("id") for i in items if isinstance(i, dict)).items() if n > 1]
@@ -117,6 +118,17 @@ def _message(error) -> str:
         return (f"id {error.instance!r} is not usable: ids become folder names and config values, so use letters, "
                 "digits, '_', '-' and '.' only, not starting with '.' ('@' is reserved for seeds: <edit>@seed1)")
     return error.message
+
+
+def _reported_problems(reported) -> list:
+    """A reported row's figures must be ones the leaderboard has a column for: a misspelt key would show as '–'."""
+    from piva.noe.leaderboard import COLUMNS
+
+    rows = reported.get("rows") if isinstance(reported, dict) else None
+    known = {key for key, _, _ in COLUMNS}
+    return [f"reported row {method!r}: unknown figure {key!r} (known: {', '.join(sorted(known))})"
+            for method, row in (rows.items() if isinstance(rows, dict) else ()) if isinstance(row, dict)
+            for key in row if key not in known]
 
 
 def _toy_caption_problems(edit: dict) -> list:
