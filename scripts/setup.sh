@@ -13,4 +13,6 @@ fi
 .venv/bin/python -m pip install -q -c requirements/cpu-constraints.txt \
   -r requirements/cpu-constraints.txt
 .venv/bin/python -m pip install -q --no-deps -e .
-.venv/bin/python -c "import piva, diffusers, peft, nerfstudio, open_clip; print('piva set-up OK:', piva.__version__)"
+# The extras a user adds (Ray for clusters, face identity) resolve against the same pins: checked here.
+.venv/bin/python -m pip install -q -c requirements/cpu-constraints.txt -e ".[ray,faces]"
+.venv/bin/python -c "import piva, diffusers, peft, nerfstudio, open_clip, ray, dlib; print('piva set-up OK:', piva.__version__)"

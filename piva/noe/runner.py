@@ -1015,24 +1015,79 @@ def _stop_pool(pool) -> None:
         p.join(timeout=10)
 
 
+RAY_RETRIES = 3
+"""How often Ray runs an edit again after its node or worker process died; each run resumes from the edit's newest
+checkpoint in `--out`, so a node lost mid-edit costs the steps since that checkpoint."""
+
+
+def ray_nodes_see_out(ray, out: Path, timeout: float = 120.0) -> None:
+    """Every Ray node that can run edits must see `--out` at the same path: the source scenes, each edit's
+    checkpoints (what a retried edit resumes from on another node) and the results live there. Checked at start by
+    a probe task on each node (a file the driver wrote); a node that cannot see it stops the run with one line."""
+    import socket
+    import uuid
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = Path(out) / ".ray-probe" / f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+    token.parent.mkdir(parents=True, exist_ok=True)
+    token.write_text("piva")
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def probe(path: str) -> tuple[str, bool]:
+        import socket as s
+
+        return s.gethostname(), Path(path).is_file()
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(str(token)): n for n in nodes}
+    try:
+        for ref, node in refs.items():
+            host, seen = ray.get(ref, timeout=timeout)
+            if not seen:
+                raise SystemExit(f"piva: error: Ray node {node['NodeManagerAddress']} ({host}) cannot see --out "
+                                 f"{Path(out).resolve()}: mount it at the same path on every node (NFS or another "
+                                 "shared file system); source scenes, checkpoints and results live there")
+    finally:
+        token.unlink(missing_ok=True)
+
+
 def _run_with_ray(todo, opts: RunOptions, address: str) -> dict:
-    """One edit per Ray task (one GPU each on a GPU preset); results land in the shared output folder."""
+    """One edit per Ray task (one GPU each on a GPU preset), on a shared `--out` (`ray_nodes_see_out`). A task whose
+    node dies is run again on another node (`RAY_RETRIES`) and resumes from its newest checkpoint; an edit that
+    runs out of retries is recorded as failed, and the others go on."""
     try:
         import ray
     except ImportError:
-        raise SystemExit("piva: error: --ray needs Ray (pip install 'ray[default]'); leave --ray out to run locally")
+        raise SystemExit("piva: error: --ray needs Ray (pip install -e '.[ray]' -c requirements/cpu-constraints.txt); "
+                         "leave --ray out to run locally")
     ray.init(address=None if address == "local" else address)
+    ray_nodes_see_out(ray, opts.out)
     gpus = 1 if opts.device.startswith("cuda") else 0
 
-    @ray.remote(num_gpus=gpus)
+    @ray.remote(num_gpus=gpus, max_retries=RAY_RETRIES, retry_exceptions=False)
     def task(edit, obj, method, seed):
+        from piva.io import atomic_write_json
+
+        key = f"{method}/{seeded(edit['id'], seed)}"
+        # Where each try ran: a node lost mid-edit shows as two entries.
+        log = Path(opts.out) / "ray-tasks" / f"{key}.json"
+        tries = json.loads(log.read_text()) if log.is_file() else []
+        atomic_write_json(log, tries + [{"node_id": ray.get_runtime_context().get_node_id(),
+                                         "host": platform.node(), "pid": os.getpid(), "started": time.time()}])
         if not _WORKER_MODELS:  # once per Ray worker process, not per task
             _WORKER_MODELS.update(models=load_models(opts))
         error, _ = _edit_and_summarise(edit, obj, method, opts, _WORKER_MODELS["models"], seed)
-        return (f"{method}/{seeded(edit['id'], seed)}", error) if error else (None, None)
+        return (key, error) if error else (None, None)
 
+    refs = {task.remote(e, o, m, s): f"{m}/{seeded(e['id'], s)}" for e, o, m, s in todo}
     failed = {}
-    for key, value in ray.get([task.remote(e, o, m, s) for e, o, m, s in todo]):
+    for ref, name in refs.items():
+        try:
+            key, value = ray.get(ref)
+        except ray.exceptions.RayError as exc:  # its node or worker died more than RAY_RETRIES times
+            key, value = name, f"lost on Ray after {RAY_RETRIES + 1} tries: {str(exc).strip().splitlines()[0]}"
         if key is not None:
             failed[key] = value
     return failed
