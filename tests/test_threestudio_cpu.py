@@ -259,7 +259,8 @@ def test_threestudio_toy_benchmark_edits_resumes_after_a_kill_and_renders(tmp_pa
     assert len(renders) == 5
 
 
-EDIT_STEPS = 60
+EDIT_STEPS = 40  # a checkpoint every 10 steps. The judge score of "a blue cube" (bar: +0.05), measured from ~0.015:
+# 0.87 after 60 steps, 0.43-0.45 after 40, 0.11-0.12 after 30, 0.02 after 20 (no move yet)
 MOVING_METHODS = ("piva", "dds")  # SDS runs the same glue with another mode (tests/test_threestudio.py)
 
 
