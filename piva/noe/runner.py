@@ -1068,8 +1068,6 @@ def _run_with_ray(todo, opts: RunOptions, address: str) -> dict:
 
     @ray.remote(num_gpus=gpus, max_retries=RAY_RETRIES, retry_exceptions=False)
     def task(edit, obj, method, seed):
-        from piva.io import atomic_write_json
-
         key = f"{method}/{seeded(edit['id'], seed)}"
         # Where each try ran: a node lost mid-edit shows as two entries.
         log = Path(opts.out) / "ray-tasks" / f"{key}.json"
